@@ -1,0 +1,13 @@
+"""kernelhib: hibernate idle Jupyter kernels to disk and wake them intact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def _jupyter_server_extension_points() -> list[dict[str, Any]]:
+    from .app import KernelHibernatorApp
+
+    return [{"module": "kernelhib", "app": KernelHibernatorApp}]

@@ -1,0 +1,1 @@
+"""Hibernation engines: CRIU checkpoints the process, dill pickles the namespace."""

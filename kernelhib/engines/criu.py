@@ -1,0 +1,160 @@
+"""The CRIU engine: checkpoint the whole kernel process tree, restore it later.
+
+A CRIU image keeps everything: memory, threads, open files, listening sockets,
+even a cell that is still running. The kernel's connections to the server are
+closed on restore (``--tcp-close``); ZMQ reconnects them by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .base import Availability, Engine, EngineError
+from .criu_install import CriuBinary, CriuUnavailable, locate_criu
+
+# One table of options serves both drivers: RPC field name -> command-line flag.
+_COMMON = {
+    "tcp_close": "--tcp-close",
+    "shell_job": "--shell-job",
+    "ext_unix_sk": "--ext-unix-sk",
+    "file_locks": "--file-locks",
+}
+# Stopped, not killed: the kernel is ended only once the image is verified on disk.
+_DUMP = {**_COMMON, "leave_stopped": "--leave-stopped"}
+# Sibling: the restored kernel becomes our child, so we can reap it, and
+# ipykernel's parent poller sees no change of parent.
+_RESTORE = {**_COMMON, "rst_sibling": "--restore-sibling"}
+
+DUMP_LOG = "dump.log"
+RESTORE_LOG = "restore.log"
+_PIDFILE = "restored.pid"
+# Left behind by an interrupted lazy restore; a new restore refuses to start with it.
+_STALE = ("lazy-pages.socket", _PIDFILE)
+
+
+def _log_errors(log: Path, limit: int = 6) -> str:
+    """The last error lines of a CRIU log: the part a person needs to read."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no log at {log})"
+    errors = [line for line in lines if "Error" in line or "error" in line]
+    return "\n".join((errors or lines)[-limit:])
+
+
+class _CliDriver:
+    """Runs ``criu`` as a command."""
+
+    def __init__(self, binary: CriuBinary) -> None:
+        self.binary = binary
+
+    def _run(self, action: str, image_dir: Path, options: dict[str, str], extra: list[str]) -> None:
+        log = DUMP_LOG if action == "dump" else RESTORE_LOG
+        cmd = [str(self.binary.path), action, "-D", str(image_dir), "-o", log, "-v2"]
+        cmd += list(options.values()) + extra
+        result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise EngineError(
+                f"criu {action} failed (exit {result.returncode}):\n"
+                + _log_errors(image_dir / log)
+            )
+
+    def dump(self, pid: int, image_dir: Path) -> None:
+        self._run("dump", image_dir, _DUMP, ["-t", str(pid)])
+
+    def restore(self, image_dir: Path) -> int:
+        pidfile = image_dir / _PIDFILE
+        self._run("restore", image_dir, _RESTORE, ["--restore-detached", "--pidfile", str(pidfile)])
+        return int(pidfile.read_text())
+
+
+class _RpcDriver:
+    """Talks to ``criu swrk`` through pycriu: structured requests, no argument parsing."""
+
+    def __init__(self, binary: CriuBinary, pycriu: Any) -> None:
+        self.binary = binary
+        self.pycriu = pycriu
+
+    def _call(self, action: str, image_dir: Path, options: dict[str, str], **fields: Any) -> Any:
+        client = self.pycriu.criu()
+        client.use_binary(str(self.binary.path))
+        fd = os.open(image_dir, os.O_DIRECTORY)
+        try:
+            client.opts.images_dir_fd = fd
+            client.opts.log_file = DUMP_LOG if action == "dump" else RESTORE_LOG
+            client.opts.log_level = 2
+            for name in options:
+                setattr(client.opts, name, True)
+            for name, value in fields.items():
+                setattr(client.opts, name, value)
+            return getattr(client, action)()
+        except self.pycriu.CRIUException as exc:
+            log = image_dir / client.opts.log_file
+            raise EngineError(f"criu {action} failed ({exc}):\n{_log_errors(log)}") from exc
+        finally:
+            os.close(fd)
+
+    def dump(self, pid: int, image_dir: Path) -> None:
+        self._call("dump", image_dir, _DUMP, pid=pid)
+
+    def restore(self, image_dir: Path) -> int:
+        return self._call("restore", image_dir, _RESTORE).pid
+
+
+def _import_pycriu(binary: CriuBinary) -> Any | None:
+    """pycriu from the located CRIU install, or None to use the command line."""
+    if binary.pycriu_dir and str(binary.pycriu_dir) not in sys.path:
+        sys.path.append(str(binary.pycriu_dir))
+    try:
+        return importlib.import_module("pycriu")
+    except ImportError:
+        return None
+
+
+class CriuEngine(Engine):
+    """Checkpoint/restore of the kernel's process tree (root only, CRIU >= 4.2)."""
+
+    name = "criu"
+
+    def __init__(self, criu_path: str = "") -> None:
+        self.criu_path = criu_path
+        self._driver: _CliDriver | _RpcDriver | None = None
+
+    def availability(self) -> Availability:
+        if os.geteuid() != 0:
+            return Availability(
+                False,
+                "CRIU needs root to checkpoint and restore kernels",
+                "run the server as root, or use the dill engine",
+            )
+        try:
+            binary = locate_criu(self.criu_path)
+        except CriuUnavailable as exc:
+            return Availability(False, exc.reason, exc.remedy)
+        driver = "pycriu RPC" if _import_pycriu(binary) else "command line"
+        version = ".".join(map(str, binary.version))
+        return Availability(True, f"CRIU {version} at {binary.path} ({driver})")
+
+    @property
+    def driver(self) -> _CliDriver | _RpcDriver:
+        if self._driver is None:
+            binary = locate_criu(self.criu_path)
+            pycriu = _import_pycriu(binary)
+            self._driver = _RpcDriver(binary, pycriu) if pycriu else _CliDriver(binary)
+        return self._driver
+
+    async def dump(self, pid: int, image_dir: Path) -> None:
+        """Write the image of ``pid``'s tree into ``image_dir``; leave the tree stopped."""
+        await asyncio.to_thread(self.driver.dump, pid, image_dir)
+
+    async def restore(self, image_dir: Path) -> int:
+        """Restore the tree from ``image_dir`` as our child; return its host pid."""
+        for name in _STALE:
+            (image_dir / name).unlink(missing_ok=True)
+        return await asyncio.to_thread(self.driver.restore, image_dir)

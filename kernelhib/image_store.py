@@ -1,0 +1,164 @@
+"""Signed, verified kernel images on disk.
+
+An image is a directory of files written by an engine plus ``manifest.json``:
+what the image is (kernel id, kernelspec, engine, sizes, time) and the SHA-256
+of every file, signed with HMAC-SHA256 under a per-server secret key. An image
+is loaded only if the signature and every hash match: images are restored into
+a process (or unpickled), so an altered one must never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .paths import private_dir
+
+MANIFEST = "manifest.json"
+_KEY_FILE = "secret.key"
+_STAGING_PREFIX = ".partial-"
+
+
+class ImageError(RuntimeError):
+    """An image is missing, incomplete, or does not match its signed manifest."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A committed image: its directory and its (verified or trusted) manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry["size"] for entry in self.manifest["files"].values())
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _load_key(path: Path) -> bytes:
+    """The server's signing key, created on first use, readable by the owner only."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return _load_key(path)
+
+
+class ImageStore:
+    """One directory per hibernated kernel under ``root``; blocking, call from a thread."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = private_dir(Path(root))
+        self._key = _load_key(self.root / _KEY_FILE)
+
+    def path(self, kernel_id: str) -> Path:
+        if not kernel_id or "/" in kernel_id or kernel_id.startswith("."):
+            raise ImageError(f"invalid kernel id {kernel_id!r}")
+        return self.root / kernel_id
+
+    def exists(self, kernel_id: str) -> bool:
+        return (self.path(kernel_id) / MANIFEST).is_file()
+
+    def stage(self, kernel_id: str) -> Path:
+        """A fresh private directory for an engine to write an image into."""
+        self.path(kernel_id)  # validates the id
+        return private_dir(self.root / f"{_STAGING_PREFIX}{kernel_id}.{uuid.uuid4().hex[:8]}")
+
+    def commit(self, staging: Path, kernel_id: str, meta: dict[str, Any]) -> Image:
+        """Make ``staging`` the image of ``kernel_id``: durable, hashed, signed.
+
+        Every file is fsynced and hashed, then the signed manifest is written
+        and the directory renamed into place. Until that rename, no image exists.
+        """
+        final = self.path(kernel_id)
+        if final.exists():
+            raise ImageError(f"an image of kernel {kernel_id} already exists at {final}")
+        files: dict[str, dict[str, Any]] = {}
+        for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+            os.chmod(file, 0o600)
+            _fsync(file)
+            files[str(file.relative_to(staging))] = {
+                "size": file.stat().st_size,
+                "sha256": _sha256(file),
+            }
+        if not files:
+            raise ImageError(f"the engine wrote no files into {staging}")
+        manifest = {**meta, "kernel_id": kernel_id, "created": time.time(), "files": files}
+        manifest["signature"] = self._sign(manifest)
+        manifest_path = staging / MANIFEST
+        fd = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(staging)
+        staging.rename(final)
+        _fsync(self.root)
+        return Image(final, manifest)
+
+    def load(self, kernel_id: str) -> Image:
+        """The image of ``kernel_id``, after checking its signature and every file's hash."""
+        image = self.read(kernel_id)
+        if not hmac.compare_digest(image.manifest.get("signature", ""), self._sign(image.manifest)):
+            raise ImageError(
+                f"the manifest of {image.path} is not signed by this server's key: "
+                "it was altered or written elsewhere; the image is kept for inspection"
+            )
+        for name, entry in image.manifest["files"].items():
+            file = image.path / name
+            if not file.is_file():
+                raise ImageError(f"image file {file} is missing; the image is kept for inspection")
+            if file.stat().st_size != entry["size"] or _sha256(file) != entry["sha256"]:
+                raise ImageError(
+                    f"image file {file} does not match its signed hash: it was altered "
+                    "after hibernation; the image is kept for inspection"
+                )
+        return image
+
+    def read(self, kernel_id: str) -> Image:
+        """The image's manifest as written, unverified: for listing, never for loading."""
+        path = self.path(kernel_id)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise ImageError(f"no image of kernel {kernel_id} in {self.root}") from None
+        except ValueError as exc:
+            raise ImageError(f"the manifest of {path} is unreadable: {exc}") from exc
+        return Image(path, manifest)
+
+    def discard(self, path_or_id: Path | str) -> None:
+        """Delete an image (or a staging directory); missing is fine."""
+        path = path_or_id if isinstance(path_or_id, Path) else self.path(path_or_id)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _sign(self, manifest: dict[str, Any]) -> str:
+        return hmac.new(self._key, _canonical(manifest), hashlib.sha256).hexdigest()

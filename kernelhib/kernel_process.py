@@ -1,0 +1,105 @@
+"""A kernel process addressed by pidfd rather than by pid.
+
+A restored kernel is not always our child (after a server restart it is not),
+and a plain pid can be recycled by another process while we look away. A pidfd
+stays bound to the one process it was opened for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import signal
+from pathlib import Path
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, parents first."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        tree += _children(tree[i])
+        i += 1
+    return tree
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class KernelProcess:
+    """The kernel's root process: poll, signal, wait, and measure its whole tree."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._status: int | None = None
+
+    def poll(self) -> int | None:
+        """None while running; else the exit status, or -1 if we are not its parent."""
+        if self._status is not None or self._pidfd is None:
+            return self._status
+        try:
+            result = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            ended = select.select([self._pidfd], [], [], 0)[0]
+            if not ended:
+                return None
+            self._finish(-1)
+        else:
+            if result is None:
+                return None
+            code = result.si_status
+            self._finish(code if result.si_code == os.CLD_EXITED else -code)
+        return self._status
+
+    def _finish(self, status: int) -> None:
+        self._status = status
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def wait(self, interval: float = 0.05) -> int:
+        """Wait for the process to end; return its status as :meth:`poll` does."""
+        while (status := self.poll()) is None:
+            await asyncio.sleep(interval)
+        return status
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None and self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+    def tree(self) -> list[int]:
+        """This process and its descendants, while it runs."""
+        return process_tree(self.pid) if self.poll() is None else []
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the whole tree: what hibernation gives back."""
+        return sum(_rss(pid) for pid in self.tree())
+
+    def resume(self) -> None:
+        """Continue every process of the tree after a checkpoint left it stopped."""
+        for pid in self.tree():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None

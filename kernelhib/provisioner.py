@@ -1,0 +1,208 @@
+"""A kernel provisioner whose kernels can be checkpointed and restored.
+
+Differences from jupyter_client's LocalProvisioner, each one needed for a
+restore to work:
+
+- The kernel runs as the first process of its own pid namespace
+  (``unshare --pid --fork``): a restore recreates the namespace, so it never
+  fails because the kernel's old pid was taken meanwhile.
+- No pipes to the server: stdin is /dev/null, output goes to a per-kernel log
+  file. A pipe to a process outside the image cannot be restored.
+- No ``JPY_PARENT_PID``: ipykernel's parent poller would end a kernel whose
+  parent changed, which a restored kernel's always has.
+- IPython's history database is private to the kernel: CRIU refuses to restore
+  a kernel whose open files changed size, and a shared database grows whenever
+  any other kernel runs a cell.
+
+A restored kernel is managed through a pidfd (:class:`KernelProcess`), because
+it need not be our child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Unicode, default
+
+from .engines.base import EngineError
+from .engines.criu import CriuEngine
+from .kernel_process import KernelProcess
+from .paths import kernelhib_data_dir, private_dir
+
+_UNSHARE = ("unshare", "--pid", "--fork", "setsid")
+
+
+class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
+    """Launches restorable kernels and hands their process to an engine."""
+
+    kernel_files_dir = Unicode(
+        config=True,
+        help="Directory for each kernel's log file and IPython history database. "
+        "Must persist as long as images do: a restored kernel reopens these files.",
+    )
+
+    @default("kernel_files_dir")
+    def _default_kernel_files_dir(self) -> str:
+        return str(kernelhib_data_dir() / "kernels")
+
+    kernel: KernelProcess | None = None
+    hibernated: bool = False
+    not_restorable: str = ""
+
+    @property
+    def files_dir(self) -> Path:
+        return Path(self.kernel_files_dir) / str(self.kernel_id)
+
+    @property
+    def log_file(self) -> Path:
+        return self.files_dir / "kernel.log"
+
+    @property
+    def has_process(self) -> bool:
+        return self.hibernated or self.kernel is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        kwargs = await super().pre_launch(**kwargs)
+        private_dir(self.files_dir)
+        cmd: list[str] = kwargs["cmd"]
+        if any("ipykernel" in arg for arg in cmd):
+            cmd.append(f"--HistoryManager.hist_file={self.files_dir / 'history.sqlite'}")
+        self.not_restorable = self._why_not_restorable()
+        if not self.not_restorable:
+            kwargs["cmd"] = [*_UNSHARE, *cmd]
+        env = dict(kwargs.get("env") or os.environ)
+        env.pop("JPY_PARENT_PID", None)
+        env["KERNELHIB_KERNEL_ID"] = str(self.kernel_id)
+        kwargs["env"] = env
+        return kwargs
+
+    def _why_not_restorable(self) -> str:
+        transport = getattr(self.parent, "transport", "tcp")
+        if transport != "tcp":
+            return f"the kernel uses the {transport} transport; CRIU needs tcp"
+        if os.geteuid() != 0:
+            return "the server does not run as root, so the kernel has no pid namespace"
+        if not shutil.which("unshare"):
+            return "`unshare` (util-linux) is not installed, so the kernel has no pid namespace"
+        return ""
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        with self.log_file.open("ab") as log:
+            kwargs.update(stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            kwargs["independent"] = True
+            info = await super().launch_kernel(cmd, **kwargs)
+        pid = self.process.pid
+        if not self.not_restorable:
+            pid = await self._namespace_init(pid)
+        self.kernel = KernelProcess(pid)
+        self.pid = self.pgid = pid
+        self.hibernated = False
+        return info
+
+    async def _namespace_init(self, unshare_pid: int, timeout: float = 10) -> int:
+        """The host pid of the kernel that ``unshare`` started in the new namespace."""
+        children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children")
+        for _ in range(int(timeout / 0.01)):
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the kernel exited at start (status {self.process.returncode}); "
+                    f"see {self.log_file}"
+                )
+            pids = children.read_text().split()
+            if pids:
+                return int(pids[0])
+            await asyncio.sleep(0.01)
+        raise RuntimeError(f"unshare started no kernel within {timeout} s")
+
+    async def poll(self) -> int | None:
+        if self.hibernated:
+            return None
+        return self.kernel.poll() if self.kernel else 0
+
+    async def wait(self) -> int | None:
+        status = await self.kernel.wait() if self.kernel else 0
+        if self.process is not None:
+            # unshare ends with its kernel; reap it so no zombie stays behind.
+            status = await asyncio.to_thread(self.process.wait)
+            self.process = None
+        self.kernel = None
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        """Signal the kernel's process group (the kernel and what it spawned)."""
+        if self.kernel is None or self.kernel.poll() is not None:
+            return
+        try:
+            os.killpg(self.kernel.pid, signum)
+        except OSError:
+            self.kernel.send_signal(signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        # A hibernated kernel has no process; killing it means forgetting it.
+        self.hibernated = False
+        if self.kernel:
+            self.kernel.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        self.hibernated = False
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        if not restart and not self.hibernated:
+            shutil.rmtree(self.files_dir, ignore_errors=True)
+
+    # Hibernation, in the order the hibernator calls it.
+
+    async def checkpoint(self, engine: CriuEngine, image_dir: Path) -> int:
+        """Write the kernel's image and leave it stopped; return its memory in bytes.
+
+        On failure the kernel is resumed, untouched, and EngineError is raised.
+        """
+        if self.not_restorable:
+            raise EngineError(f"this kernel cannot be restored by CRIU: {self.not_restorable}")
+        if self.kernel is None or self.kernel.poll() is not None:
+            raise EngineError("the kernel process is not running")
+        rss = self.kernel.rss_bytes()
+        try:
+            await engine.dump(self.kernel.pid, image_dir)
+        except BaseException:
+            self.resume()
+            raise
+        return rss
+
+    def resume(self) -> None:
+        """Undo :meth:`checkpoint`: let the stopped kernel run on."""
+        if self.kernel:
+            self.kernel.resume()
+
+    async def end_checkpointed(self) -> None:
+        """End the stopped kernel whose image is safely on disk."""
+        if self.kernel:
+            self.kernel.send_signal(signal.SIGKILL)
+        await self.wait()
+        self.hibernated = True
+
+    async def restore(self, engine: CriuEngine, image_dir: Path) -> None:
+        """Bring the kernel back from its image, as our child, in a new pid namespace."""
+        pid = await engine.restore(image_dir)
+        self.kernel = KernelProcess(pid)
+        self.pid = self.pgid = pid
+        self.hibernated = False
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info.update(hibernated=self.hibernated, not_restorable=self.not_restorable)
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.hibernated = provisioner_info.get("hibernated", False)
+        self.not_restorable = provisioner_info.get("not_restorable", "")

@@ -1,0 +1,82 @@
+"""Kernel websockets that wake a hibernated kernel on demand.
+
+A message sent to a hibernated kernel is held, the kernel is woken, and the
+connection proves its IOPub subscription is live again (jupyter_server's
+``nudge``) before the held messages go out in order. Without that proof, the
+output of the first cell after a wake is lost about half the time: the SUB
+socket reconnects later than the shell socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
+
+from .hibernator import KernelHibernator
+
+
+class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
+    """A kernel websocket that holds messages while its kernel hibernates or wakes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # The hibernator's wake count when this connection last proved IOPub live.
+        self._epoch = -1
+        self._held: list[Any] | None = None
+        self._reviving: asyncio.Future[None] | None = None
+
+    @property
+    def hibernator(self) -> KernelHibernator:
+        return self.multi_kernel_manager.hibernator
+
+    def _asleep(self) -> bool:
+        return self.hibernator.record(self.kernel_id).state != "running"
+
+    async def prepare(self) -> None:
+        if not self._asleep():
+            await super().prepare()
+            return
+        # Accept the websocket without asking the sleeping kernel for its info.
+        await self._register_session()
+        self.session.key = self.kernel_manager.session.key
+
+    def nudge(self) -> asyncio.Future[None]:
+        if self._asleep():
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        self._epoch = self.hibernator.epoch(self.kernel_id)
+        return super().nudge()
+
+    def handle_incoming_message(self, incoming_msg: Any) -> None:
+        if self._held is None and not self._asleep() and self._epoch == self.hibernator.epoch(
+            self.kernel_id
+        ):
+            super().handle_incoming_message(incoming_msg)
+            return
+        if self._held is None:
+            self._held = []
+        self._held.append(incoming_msg)
+        if self._reviving is None:
+            self._reviving = asyncio.ensure_future(self._revive())
+
+    async def _revive(self) -> None:
+        """Wake the kernel if needed, prove IOPub is live, then send the held messages."""
+        try:
+            while self.hibernator.record(self.kernel_id).state == "hibernating":
+                await asyncio.sleep(0.05)
+            await self.hibernator.wake(self.kernel_id)
+            if self.channels:
+                await self.nudge()
+        except Exception as exc:
+            # Keep the messages: the next one retries, and the kernel model says why.
+            self.log.error("Could not wake kernel %s for its messages: %s", self.kernel_id, exc)
+            return
+        finally:
+            self._reviving = None
+        held, self._held = self._held or [], None
+        self.log.debug("Delivering %d held messages to kernel %s", len(held), self.kernel_id)
+        for message in held:
+            super().handle_incoming_message(message)
