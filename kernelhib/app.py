@@ -46,9 +46,9 @@ class KernelHibernatorApp(ExtensionApp):
         if "kernel_websocket_connection_class" not in config.ServerApp:
             serverapp.kernel_websocket_connection_class = WakingWebsocketConnection
         if "default_provisioner_name" not in config.KernelProvisionerFactory:
-            KernelProvisionerFactory.instance(parent=serverapp).default_provisioner_name = (
-                PROVISIONER
-            )
+            KernelProvisionerFactory.instance(
+                parent=serverapp
+            ).default_provisioner_name = PROVISIONER
 
     @property
     def active(self) -> bool:

@@ -85,7 +85,7 @@ class Hibernation:
 
 
 class KernelHibernator(LoggingConfigurable):
-    """Hibernates and wakes the kernels of one kernel manager. Configure as ``c.KernelHibernator``."""
+    """Hibernates and wakes the kernels of one kernel manager (``c.KernelHibernator``)."""
 
     engine = CaselessStrEnum(
         ["auto", "criu", "dill"],

@@ -51,8 +51,10 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
         return super().nudge()
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
-        if self._held is None and not self._asleep() and self._epoch == self.hibernator.epoch(
-            self.kernel_id
+        if (
+            self._held is None
+            and not self._asleep()
+            and self._epoch == self.hibernator.epoch(self.kernel_id)
         ):
             super().handle_incoming_message(incoming_msg)
             return
@@ -70,6 +72,9 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
             await self.hibernator.wake(self.kernel_id)
             if self.channels:
                 await self.nudge()
+                # nudge() takes over the IOPub stream's callback; give it back.
+                for stream in self.channels.values():
+                    stream.on_recv_stream(self.handle_outgoing_message)
         except Exception as exc:
             # Keep the messages: the next one retries, and the kernel model says why.
             self.log.error("Could not wake kernel %s for its messages: %s", self.kernel_id, exc)

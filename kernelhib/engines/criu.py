@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from .base import Availability, Engine, EngineError
-from .criu_install import CriuBinary, CriuUnavailable, locate_criu
+from .criu_install import CriuBinary, CriuUnavailable, locate_criu, version_text
 
 # One table of options serves both drivers: RPC field name -> command-line flag.
 _COMMON = {
@@ -61,8 +62,7 @@ class _CliDriver:
         result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             raise EngineError(
-                f"criu {action} failed (exit {result.returncode}):\n"
-                + _log_errors(image_dir / log)
+                f"criu {action} failed (exit {result.returncode}):\n" + _log_errors(image_dir / log)
             )
 
     def dump(self, pid: int, image_dir: Path) -> None:
@@ -130,16 +130,29 @@ class CriuEngine(Engine):
         if os.geteuid() != 0:
             return Availability(
                 False,
-                "CRIU needs root to checkpoint and restore kernels",
-                "run the server as root, or use the dill engine",
+                f"running as uid {os.geteuid()}; CRIU can only restore kernels as root here",
+                "run the Jupyter server as root, or use the dill engine",
+            )
+        if not shutil.which("unshare"):
+            return Availability(
+                False,
+                "`unshare` not found on PATH: kernels run in their own pid namespace "
+                "(unshare --pid --fork) so that a restore never finds its pids taken",
+                "install util-linux",
             )
         try:
             binary = locate_criu(self.criu_path)
         except CriuUnavailable as exc:
-            return Availability(False, exc.reason, exc.remedy)
-        driver = "pycriu RPC" if _import_pycriu(binary) else "command line"
-        version = ".".join(map(str, binary.version))
-        return Availability(True, f"CRIU {version} at {binary.path} ({driver})")
+            detail = f"{exc.reason}\n{exc.output}" if exc.output else exc.reason
+            return Availability(False, detail, exc.remedy)
+        if _import_pycriu(binary):
+            driver = f"pycriu from {binary.pycriu_dir} (RPC driver)"
+        else:
+            driver = "pycriu not found: the command-line driver is used, which works as well"
+        return Availability(
+            True,
+            f"CRIU {version_text(binary.version)} at {binary.path}; criu check passed; {driver}",
+        )
 
     @property
     def driver(self) -> _CliDriver | _RpcDriver:
