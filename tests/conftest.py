@@ -91,6 +91,15 @@ class KernelChannel:
                 output.append(msg)
         return reply, output
 
+    async def next_reply(self, msg_id: str, timeout: float = 60) -> dict[str, Any]:
+        """The shell reply to ``msg_id``, skipping everything else."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            msg = await self.next(deadline - loop.time())
+            if msg["channel"] == "shell" and msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+
     async def execute(self, code: str, timeout: float = 60) -> dict[str, Any]:
         """Run ``code``; return the reply content plus its ``stdout`` and ``result`` text."""
         msg_id = self.send("execute_request", {"code": code, "silent": False})

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .conftest import summarize
 
 pytestmark = pytest.mark.criu
 
@@ -83,3 +89,152 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
     assert after["status"] == "ok", after
     assert after["result"] == "(42, [1, 2, 3], 7, True, 6, 'world\\n', True, None, True)"
     assert after["execution_count"] == before["execution_count"] + 1
+
+
+async def wait_for_state(api: Any, kernel_id: str, state: str, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await api("GET", "kernels", kernel_id))["execution_state"] != state:
+        assert loop.time() < deadline, f"kernel {kernel_id} never became {state}"
+        await asyncio.sleep(0.05)
+
+
+async def test_message_on_open_websocket_wakes_kernel_and_is_answered_once(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("n = 0")
+    # Several rounds: the IOPub subscription comes back late in about half of
+    # the wakes, so one lucky round would prove little.
+    for round_ in range(1, 6):
+        await api("POST", "kernels", kernel_id, "hibernate")
+        msg_id = channel.send("execute_request", {"code": "n += 1; print('n is', n)"})
+        reply, output = await channel.reply_and_output(msg_id)
+        result = summarize(reply, output)
+        assert result["status"] == "ok"
+        assert result["stdout"] == f"n is {round_}\n", f"output lost in round {round_}"
+        assert (await api("GET", "kernels", kernel_id))["execution_state"] != "hibernated"
+    await asyncio.sleep(1)
+    replies = [m for m in channel.received if m["msg_type"] == "execute_reply"]
+    assert len(replies) == len({m["parent_header"]["msg_id"] for m in replies}), "a reply twice"
+
+
+async def test_new_websocket_opens_without_waking_and_its_message_wakes(
+    start_kernel: Any, api: Any, open_channel: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("secret = 'kept'")
+    channel.ws.close()
+    await api("POST", "kernels", kernel_id, "hibernate")
+
+    fresh = await open_channel(kernel_id)
+    assert (await api("GET", "kernels", kernel_id))["execution_state"] == "hibernated"
+    result = await fresh.execute("print(secret)")
+    assert result["stdout"] == "kept\n"
+
+
+async def test_busy_kernel_is_refused_without_force(start_kernel: Any, api: Any) -> None:
+    kernel_id, channel = await start_kernel()
+    msg_id = channel.send("execute_request", {"code": "import time; time.sleep(3); done = 1"})
+    await wait_for_state(api, kernel_id, "busy")
+
+    error = await api("POST", "kernels", kernel_id, "hibernate", expect=409)
+    assert "busy" in error["message"] and "force" in error["message"]
+
+    reply, _ = await channel.reply_and_output(msg_id)
+    assert reply["content"]["status"] == "ok"
+    assert (await channel.execute("done"))["result"] == "1"
+
+
+async def test_forced_hibernation_freezes_a_running_cell_that_finishes_after_wake(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    code = "import time\nfor i in range(30):\n    time.sleep(0.1)\nresult = sum(range(10**6))"
+    msg_id = channel.send("execute_request", {"code": code})
+    await wait_for_state(api, kernel_id, "busy")
+
+    model = await api("POST", "kernels", kernel_id, "hibernate", body={"force": True})
+    assert model["execution_state"] == "hibernated"
+    await asyncio.sleep(1)
+    await api("POST", "kernels", kernel_id, "wake")
+
+    reply = await channel.next_reply(msg_id)
+    assert reply["content"]["status"] == "ok"
+    assert (await channel.execute("result, i"))["result"] == "(499999500000, 29)"
+
+
+async def test_wake_succeeds_when_the_old_pid_was_taken(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = 'survived'")
+    pid = kernel_pid(jp_serverapp, kernel_id)
+    await api("POST", "kernels", kernel_id, "hibernate")
+
+    squatter = take_pid(pid)
+    try:
+        await api("POST", "kernels", kernel_id, "wake")
+        assert (await channel.execute("print(value)"))["stdout"] == "survived\n"
+        assert kernel_pid(jp_serverapp, kernel_id) != pid
+    finally:
+        squatter.kill()
+        squatter.wait()
+
+
+def take_pid(pid: int) -> subprocess.Popen[bytes]:
+    """Start a process that gets exactly ``pid`` (root only: sets ns_last_pid)."""
+    last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(20):
+        last_pid.write_text(str(pid - 1))
+        process = subprocess.Popen(["sleep", "600"])
+        if process.pid == pid:
+            return process
+        process.kill()
+        process.wait()
+    raise AssertionError(f"could not take pid {pid}")
+
+
+async def test_image_is_private_while_hibernated(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, _ = await start_kernel()
+    await api("POST", "kernels", kernel_id, "hibernate")
+    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    assert stat.S_IMODE(image.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(image.stat().st_mode) == 0o700
+    files = [p for p in image.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    await api("POST", "kernels", kernel_id, "wake")
+    assert not image.exists(), "a woken kernel's image (all its secrets) must be deleted"
+
+
+async def test_tampered_image_is_refused_and_kept(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = 42")
+    await api("POST", "kernels", kernel_id, "hibernate")
+    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    original = pages.read_bytes()
+    pages.write_bytes(original[:4096] + bytes([original[4096] ^ 1]) + original[4097:])
+
+    error = await api("POST", "kernels", kernel_id, "wake", expect=500)
+    assert "does not match its signed hash" in error["message"]
+    model = await api("GET", "kernels", kernel_id)
+    assert model["execution_state"] == "hibernated"
+    assert "does not match" in model["hibernation"]["error"]
+    assert pages.exists()
+
+    manifest = json.loads((image / "manifest.json").read_text())
+    manifest["engine"] = "criu "
+    (image / "manifest.json").write_text(json.dumps(manifest))
+    pages.write_bytes(original)
+    error = await api("POST", "kernels", kernel_id, "wake", expect=500)
+    assert "not signed by this server's key" in error["message"]
+
+    manifest["engine"] = "criu"
+    (image / "manifest.json").write_text(json.dumps(manifest))
+    await api("POST", "kernels", kernel_id, "wake")
+    assert (await channel.execute("value"))["result"] == "42"
