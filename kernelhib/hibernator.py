@@ -165,10 +165,9 @@ class KernelHibernator(LoggingConfigurable):
         return self._criu
 
     def _kernel(self, kernel_id: str) -> KernelManager:
-        try:
-            return self.kernel_manager.get_kernel(kernel_id)
-        except KeyError:
-            raise KernelNotFound(f"no kernel {kernel_id}") from None
+        if kernel_id not in self.kernel_manager:
+            raise KernelNotFound(f"no kernel {kernel_id}")
+        return self.kernel_manager.get_kernel(kernel_id)
 
     async def hibernate(
         self, kernel_id: str, engine: str = "", force: bool = False
@@ -195,8 +194,9 @@ class KernelHibernator(LoggingConfigurable):
 
         record.state, record.error = "hibernating", ""
         started = time.monotonic()
-        staging = await asyncio.to_thread(self.store.stage, kernel_id)
+        staging: Path | None = None
         try:
+            staging = await asyncio.to_thread(self.store.stage, kernel_id)
             rss = await provisioner.checkpoint(chosen, staging)
             try:
                 meta = {"engine": chosen.name, "kernel_name": km.kernel_name, "rss_bytes": rss}
@@ -213,7 +213,8 @@ class KernelHibernator(LoggingConfigurable):
                 await asyncio.to_thread(self.store.discard, kernel_id)
                 raise
         except (Exception, asyncio.CancelledError) as exc:
-            await asyncio.to_thread(self.store.discard, staging)
+            if staging is not None:
+                await asyncio.to_thread(self.store.discard, staging)
             record.state = "running"
             record.error = f"hibernation failed, the kernel runs on: {exc}"
             self._emit("hibernate-failed", kernel_id, record)
