@@ -43,10 +43,19 @@ def hibernator_config() -> dict[str, Any]:
 
 
 @pytest.fixture
-def jp_server_config(criu_path: str, hibernator_config: dict[str, Any]) -> dict[str, Any]:
+def server_config() -> dict[str, Any]:
+    """Extra server settings for a test, by class; override to change them."""
+    return {}
+
+
+@pytest.fixture
+def jp_server_config(
+    criu_path: str, hibernator_config: dict[str, Any], server_config: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "ServerApp": {"jpserver_extensions": {"kernelhib": True}},
         "KernelHibernator": {"criu_path": criu_path, **hibernator_config},
+        **server_config,
     }
 
 
