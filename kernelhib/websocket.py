@@ -10,8 +10,10 @@ socket reconnects later than the shell socket.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 
 from .hibernator import KernelHibernator
@@ -51,18 +53,42 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
         return super().nudge()
 
     def handle_incoming_message(self, incoming_msg: Any) -> None:
+        asleep = self._asleep()
         if (
             self._held is None
-            and not self._asleep()
+            and not asleep
             and self._epoch == self.hibernator.epoch(self.kernel_id)
         ):
             super().handle_incoming_message(incoming_msg)
+            return
+        if asleep and self._answer_kernel_info(incoming_msg):
             return
         if self._held is None:
             self._held = []
         self._held.append(incoming_msg)
         if self._reviving is None:
             self._reviving = asyncio.ensure_future(self._revive())
+
+    def _answer_kernel_info(self, incoming_msg: Any) -> bool:
+        """Answer kernel_info from the server's cache while the kernel sleeps.
+
+        Front ends ask for it on every (re)connect; that alone must not wake
+        the kernel. Without a cached answer, the request wakes it like any other.
+        """
+        cached = getattr(self.kernel_manager, "_kernel_info_future", None)
+        if cached is None or not cached.done() or not cached.result():
+            return False
+        if self.subprotocol == "v1.kernel.websocket.jupyter.org":
+            channel, msg_list = deserialize_msg_from_ws_v1(incoming_msg)
+            header = self.session.unpack(msg_list[0])
+        else:
+            msg = json.loads(incoming_msg)
+            channel, header = msg.get("channel"), msg["header"]
+        if header.get("msg_type") != "kernel_info_request" or channel not in self.channels:
+            return False
+        reply = self.session.msg("kernel_info_reply", cached.result(), parent=header)
+        self.handle_outgoing_message(channel, self.session.serialize(reply))
+        return True
 
     async def _revive(self) -> None:
         """Wake the kernel if needed, prove IOPub is live, then send the held messages."""

@@ -128,6 +128,9 @@ async def test_new_websocket_opens_without_waking_and_its_message_wakes(
     await api("POST", "kernels", kernel_id, "hibernate")
 
     fresh = await open_channel(kernel_id)
+    # Front ends ask every new connection for kernel info: answered without waking.
+    info = await fresh.next_reply(fresh.send("kernel_info_request", {}))
+    assert info["content"]["implementation"] == "ipython"
     assert (await api("GET", "kernels", kernel_id))["execution_state"] == "hibernated"
     result = await fresh.execute("print(secret)")
     assert result["stdout"] == "kept\n"
