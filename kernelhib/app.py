@@ -8,6 +8,7 @@ the REST handlers and the event schema.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning import KernelProvisionerFactory
@@ -16,7 +17,9 @@ from traitlets.utils.importstring import import_item
 
 from .handlers import handlers
 from .hibernator import EVENT_SCHEMA
+from .image_store import claim
 from .kernel_manager import HibernatingKernelManager
+from .paths import default_image_dir
 from .websocket import WakingWebsocketConnection
 
 PROVISIONER = "kernelhib-provisioner"
@@ -49,6 +52,18 @@ class KernelHibernatorApp(ExtensionApp):
             KernelProvisionerFactory.instance(
                 parent=serverapp
             ).default_provisioner_name = PROVISIONER
+        image_dir = Path(config.KernelHibernator.get("image_dir") or default_image_dir())
+        self._claim = claim(image_dir)
+        if self._claim is None:
+            self.log.warning(
+                "Another Jupyter server uses %s: its hibernated kernels are not adopted "
+                "here, and sessions are not kept across restarts. Give each server its "
+                "own KernelHibernator.image_dir.",
+                image_dir,
+            )
+        elif "database_filepath" not in config.SessionManager:
+            # Notebook path -> kernel id must survive a restart with the kernels.
+            config.SessionManager.database_filepath = str(image_dir / "sessions.db")
 
     @property
     def active(self) -> bool:
@@ -60,6 +75,15 @@ class KernelHibernatorApp(ExtensionApp):
         logger = self.serverapp.event_logger
         logger.register_event_schema(EVENT_SCHEMA)
         self.serverapp.kernel_manager.hibernator.event_logger = logger
+
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        if self.active:
+            await serverapp.kernel_manager.hibernator.start(adopt=self._claim is not None)
+
+    async def stop_extension(self) -> None:
+        """Runs on SIGTERM/SIGINT before the server shuts kernels down: hibernate them."""
+        if self.active:
+            await self.serverapp.kernel_manager.hibernator.stop()
 
     def initialize_handlers(self) -> None:
         if self.active:

@@ -65,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     hibernate = commands.add_parser("hibernate", parents=[server], help="hibernate a kernel")
     hibernate.add_argument("kernel_id")
     hibernate.add_argument(
-        "--force", action="store_true", help="hibernate even if the kernel has connected clients"
+        "--force",
+        action="store_true",
+        help="hibernate even a busy kernel: its running cell is frozen and carries on after wake",
     )
     hibernate.add_argument("--engine", choices=ENGINES, default="auto")
     hibernate.set_defaults(run=_hibernate)

@@ -18,12 +18,13 @@ from typing import Any
 from jupyter_client.manager import KernelManager
 from jupyter_events import EventLogger
 from traitlets import Any as AnyTrait
-from traitlets import CaselessStrEnum, Float, Instance, Unicode, default
+from traitlets import Bool, CaselessStrEnum, Float, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .engines.criu import CriuEngine
-from .image_store import ImageStore
-from .paths import kernelhib_data_dir
+from .idle import IdleWatcher
+from .image_store import ImageError, ImageStore
+from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 
 EVENT_SCHEMA_ID = "https://events.jupyter.org/kernelhib/hibernation/v1"
@@ -102,7 +103,7 @@ class KernelHibernator(LoggingConfigurable):
 
     @default("image_dir")
     def _default_image_dir(self) -> str:
-        return str(kernelhib_data_dir() / "images")
+        return str(default_image_dir())
 
     criu_path = Unicode(
         "",
@@ -118,6 +119,48 @@ class KernelHibernator(LoggingConfigurable):
         "as failed (the image is kept).",
     )
 
+    idle_timeout = Float(
+        0,
+        config=True,
+        help="Hibernate a kernel after this many seconds without execution or activity "
+        "(0 turns idle hibernation off). A kernelspec may override it in its metadata: "
+        '{"kernelhib": {"idle_timeout": 600}}.',
+    )
+
+    check_interval = Float(
+        60,
+        config=True,
+        help="Seconds between two checks for idle kernels and old images.",
+    )
+
+    hibernate_connected = Bool(
+        True,
+        config=True,
+        help="Hibernate idle kernels even while a browser tab is connected to them; "
+        "the next message from that tab wakes the kernel.",
+    )
+
+    discard_after = Float(
+        0,
+        config=True,
+        help="Shut down a kernel that has been hibernated this many seconds, deleting "
+        "its image (0 keeps images until their kernel is shut down).",
+    )
+
+    hibernate_on_stop = Bool(
+        True,
+        config=True,
+        help="When the server stops (SIGTERM/SIGINT), hibernate every running kernel, "
+        "idle ones first, so that the next server with the same image_dir wakes them.",
+    )
+
+    stop_timeout = Float(
+        60,
+        config=True,
+        help="Seconds the server's stop may spend hibernating kernels; kernels not "
+        "hibernated by then are shut down as before.",
+    )
+
     kernel_manager = AnyTrait(help="The MappingKernelManager whose kernels this hibernates.")
     event_logger = Instance(EventLogger, allow_none=True)
 
@@ -126,6 +169,8 @@ class KernelHibernator(LoggingConfigurable):
         self._records: dict[str, Hibernation] = {}
         self._criu = CriuEngine(self.criu_path)
         self._store: ImageStore | None = None
+        self.idle = IdleWatcher(self)
+        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def store(self) -> ImageStore:
@@ -197,9 +242,16 @@ class KernelHibernator(LoggingConfigurable):
         staging: Path | None = None
         try:
             staging = await asyncio.to_thread(self.store.stage, kernel_id)
-            rss = await provisioner.checkpoint(chosen, staging)
+            memory = await provisioner.checkpoint(chosen, staging)
             try:
-                meta = {"engine": chosen.name, "kernel_name": km.kernel_name, "rss_bytes": rss}
+                meta = {
+                    "engine": chosen.name,
+                    "kernel_name": km.kernel_name,
+                    "freed_bytes": memory,
+                    "execution_state": km.execution_state,
+                    "cwd": str(provisioner.cwd),
+                    "connection": _json_connection_info(km),
+                }
                 image = await asyncio.to_thread(self.store.commit, staging, kernel_id, meta)
             except BaseException:
                 provisioner.resume()
@@ -223,14 +275,14 @@ class KernelHibernator(LoggingConfigurable):
         record.state = "hibernated"
         record.engine = chosen.name
         record.image_bytes = image.bytes
-        record.freed_bytes = rss
+        record.freed_bytes = memory
         record.seconds = time.monotonic() - started
         record.hibernated_at = time.time()
         record.execution_state = km.execution_state
         km.execution_state = "hibernated"
         self.log.info(
             "Hibernated kernel %s with %s: %d MB image, %d MB freed, %.1f s",
-            kernel_id, chosen.name, image.bytes >> 20, rss >> 20, record.seconds,
+            kernel_id, chosen.name, image.bytes >> 20, memory >> 20, record.seconds,
         )  # fmt: skip
         self._emit("hibernate", kernel_id, record)
         return record.model()
@@ -276,7 +328,15 @@ class KernelHibernator(LoggingConfigurable):
         record.seconds = time.monotonic() - started
         self.log.info("Woke kernel %s in %.1f s", kernel_id, record.seconds)
         self._emit("wake", kernel_id, record)
-        await asyncio.to_thread(self.store.discard, kernel_id)
+        # The image holds every secret the kernel had: gone now, but without
+        # making the user wait for a multi-GiB delete.
+        self._later(asyncio.to_thread(self.store.discard, self.store.retire(kernel_id)))
+
+    def _later(self, work: Any) -> None:
+        """Run ``work`` in the background, holding a reference until it is done."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _until_responsive(self, km: KernelManager) -> None:
         """Wait until the restored kernel answers on its shell channel."""
@@ -286,6 +346,67 @@ class KernelHibernator(LoggingConfigurable):
             await client.wait_for_ready(timeout=self.wake_timeout)
         finally:
             client.stop_channels()
+
+    async def start(self, adopt: bool = True) -> None:
+        """Take over the images a previous server left, and start the idle watcher."""
+        if adopt:
+            await self.adopt_images()
+        self.idle.start()
+
+    async def stop(self) -> None:
+        """Stop watching; hibernate running kernels if the server is going away."""
+        await self.idle.stop()
+        if self.hibernate_on_stop:
+            await self.hibernate_all(self.stop_timeout)
+
+    async def hibernate_all(self, timeout: float) -> None:
+        """Hibernate every running kernel, idle ones first (oldest activity first)."""
+        mkm = self.kernel_manager
+        running = [k for k in mkm.list_kernel_ids() if self.record(k).state == "running"]
+        running.sort(
+            key=lambda k: (
+                mkm.get_kernel(k).execution_state == "busy",
+                mkm.get_kernel(k).last_activity,
+            )
+        )
+
+        async def _all() -> None:
+            for kernel_id in running:
+                try:
+                    await self.hibernate(kernel_id, force=True)
+                except HibernationError as exc:
+                    self.log.warning("Kernel %s will be shut down: %s", kernel_id, exc)
+
+        try:
+            await asyncio.wait_for(_all(), timeout)
+        except asyncio.TimeoutError:
+            self.log.warning(
+                "Stop timeout (%.0f s) reached: kernels not yet hibernated are shut down",
+                timeout,
+            )
+
+    async def adopt_images(self) -> None:
+        """Register the kernels whose images are in ``image_dir`` as hibernated kernels."""
+        await asyncio.to_thread(self.store.sweep)
+        for kernel_id in await asyncio.to_thread(self.store.kernel_ids):
+            if kernel_id in self.kernel_manager:
+                continue
+            try:
+                image = await asyncio.to_thread(self.store.read, kernel_id)
+                self.kernel_manager.adopt_hibernated(kernel_id, image.manifest)
+            except (ImageError, KeyError, ValueError) as exc:
+                self.log.error("Cannot adopt hibernated kernel %s: %s", kernel_id, exc)
+                continue
+            manifest = image.manifest
+            self._records[kernel_id] = Hibernation(
+                state="hibernated",
+                engine=manifest["engine"],
+                image_bytes=image.bytes,
+                freed_bytes=manifest.get("freed_bytes", 0),
+                hibernated_at=manifest["created"],
+                execution_state=manifest.get("execution_state", "idle"),
+            )
+            self.log.info("Adopted hibernated kernel %s from %s", kernel_id, image.path)
 
     async def forget(self, kernel_id: str) -> None:
         """Drop a hibernated kernel's image: it is being shut down or restarted."""
@@ -304,3 +425,9 @@ class KernelHibernator(LoggingConfigurable):
             return
         data = {"action": action, "kernel_id": kernel_id, **record.model()}
         self.event_logger.emit(schema_id=EVENT_SCHEMA_ID, data=data)
+
+
+def _json_connection_info(km: KernelManager) -> dict[str, Any]:
+    """The kernel's ports and key, to re-adopt it from a new server after this one stops."""
+    info = km.get_connection_info()
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()}

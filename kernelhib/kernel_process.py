@@ -14,8 +14,6 @@ import select
 import signal
 from pathlib import Path
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
 
 def _children(pid: int) -> list[int]:
     children: list[int] = []
@@ -35,11 +33,18 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _rss(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return 0
+def _private_memory(pid: int) -> int:
+    """Anonymous and shared-memory pages: what the process alone holds.
+
+    Its file-backed pages (Python, shared libraries) stay in the page cache
+    after it ends, so counting them would overstate what hibernation frees.
+    """
+    total = 0
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssShmem:")):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 class KernelProcess:
@@ -89,9 +94,9 @@ class KernelProcess:
         """This process and its descendants, while it runs."""
         return process_tree(self.pid) if self.poll() is None else []
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the whole tree: what hibernation gives back."""
-        return sum(_rss(pid) for pid in self.tree())
+    def memory_bytes(self) -> int:
+        """Private resident memory of the whole tree: what ending it gives back."""
+        return sum(_private_memory(pid) for pid in self.tree())
 
     def resume(self) -> None:
         """Continue every process of the tree after a checkpoint left it stopped."""

@@ -18,6 +18,11 @@ def kernelhib_data_dir() -> Path:
     return Path(jupyter_data_dir()) / "kernelhib"
 
 
+def default_image_dir() -> Path:
+    """Where images are kept unless ``KernelHibernator.image_dir`` says otherwise."""
+    return kernelhib_data_dir() / "images"
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) readable by the owner only, and return it.
 

@@ -162,7 +162,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
     # Hibernation, in the order the hibernator calls it.
 
     async def checkpoint(self, engine: CriuEngine, image_dir: Path) -> int:
-        """Write the kernel's image and leave it stopped; return its memory in bytes.
+        """Write the kernel's image and leave it stopped; return the memory it holds.
 
         On failure the kernel is resumed, untouched, and EngineError is raised.
         """
@@ -170,13 +170,13 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             raise EngineError(f"this kernel cannot be restored by CRIU: {self.not_restorable}")
         if self.kernel is None or self.kernel.poll() is not None:
             raise EngineError("the kernel process is not running")
-        rss = self.kernel.rss_bytes()
+        memory = self.kernel.memory_bytes()
         try:
             await engine.dump(self.kernel.pid, image_dir)
         except BaseException:
             self.resume()
             raise
-        return rss
+        return memory
 
     def resume(self) -> None:
         """Undo :meth:`checkpoint`: let the stopped kernel run on."""
@@ -196,6 +196,12 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid
         self.hibernated = False
+
+    def adopt(self, connection_info: dict[str, Any], cwd: str | None) -> None:
+        """Take charge of a kernel an earlier server hibernated: no process, an image."""
+        self.connection_info = connection_info
+        self.cwd = cwd
+        self.hibernated = True
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()

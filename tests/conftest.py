@@ -165,9 +165,17 @@ def start_kernel(api: Any, open_channel: Any, jp_serverapp: Any):
     """
 
     async def _start() -> tuple[str, KernelChannel]:
-        model = await api("POST", "kernels", body={"name": "python3"}, expect=201)
+        model = await api("POST", "kernels", body={"name": "python3", "path": ""}, expect=201)
         channel = await open_channel(model["id"])
         assert (await channel.execute("pass"))["status"] == "ok"
         return model["id"], channel
 
     return _start
+
+
+async def wait_for_state(api: Any, kernel_id: str, state: str, timeout: float = 30) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await api("GET", "kernels", kernel_id))["execution_state"] != state:
+        assert loop.time() < deadline, f"kernel {kernel_id} never became {state}"
+        await asyncio.sleep(0.05)

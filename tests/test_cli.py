@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from test_criu_install import require_installable
 
 from kernelhib.cli import human_bytes, main
+
+from .test_criu_install import require_installable
 
 REPO = Path(__file__).parent.parent
 GIB = 1024**3

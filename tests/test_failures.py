@@ -14,6 +14,8 @@ from kernelhib.engines.criu import CriuEngine
 from kernelhib.image_store import ImageStore
 from kernelhib.provisioner import HibernatingProvisioner
 
+from .conftest import wait_for_state
+
 pytestmark = pytest.mark.criu
 
 
@@ -33,29 +35,30 @@ async def fail_end(self: Any) -> None:
 
 
 def fail_after_first_hash() -> Any:
-    real, calls = image_store._sha256, []
+    real, calls = image_store._digest, []
 
-    def _sha256(path: Path) -> str:
+    def _digest(path: Path) -> str:
         calls.append(path)
         if len(calls) > 1:
             raise OSError("injected: I/O error while hashing the image")
         return real(path)
 
-    return _sha256
+    return _digest
 
 
 FAULTS = {
     "create staging directory": (ImageStore, "stage", fail("injected: disk full")),
     "freeze and dump": (CriuEngine, "dump", fail_dump),
-    "verify and fsync image": (image_store, "_sha256", None),
+    "verify and fsync image": (image_store, "_digest", None),
     "sign manifest": (ImageStore, "_sign", fail("injected: cannot sign")),
     "end the process": (HibernatingProvisioner, "end_checkpointed", fail_end),
 }
 
 
 def image_root_is_clean(jp_serverapp: Any) -> bool:
+    """No image and no partial one: only the store's own files are left."""
     root = Path(jp_serverapp.kernel_manager.hibernator.image_dir)
-    return sorted(p.name for p in root.iterdir()) == ["secret.key"]
+    return not [p for p in root.iterdir() if p.is_dir()]
 
 
 @pytest.mark.parametrize("step", FAULTS)
@@ -78,6 +81,7 @@ async def test_failure_at_each_step_leaves_the_kernel_running(
     assert image_root_is_clean(jp_serverapp)
 
     monkeypatch.undo()
+    await wait_for_state(api, kernel_id, "idle")
     await api("POST", "kernels", kernel_id, "hibernate")
     assert (await channel.execute("value"))["result"] == "[1, 2, 3, 4]"
 

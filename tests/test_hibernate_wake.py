@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
 import subprocess
 from pathlib import Path
@@ -12,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from .conftest import summarize
+from .conftest import summarize, wait_for_state
 
 pytestmark = pytest.mark.criu
 
 STATE = """
-import os, threading, time, subprocess, numpy as np
+import os, tempfile, threading, time, subprocess, numpy as np
 numbers = [1, 2, 3]
 def double(x):
     return 2 * x
@@ -25,9 +24,9 @@ class Point:
     def __init__(self, x, y):
         self.x, self.y = x, y
 point = Point(3, 4)
-big = np.random.default_rng(0).random(32 * 1024 * 1024)  # 256 MiB
+big = np.random.default_rng(0).random(128 * 1024 * 1024)  # 1 GiB: well above the noise
 big_sum = float(big.sum())
-handle = open(os.path.join(os.getcwd(), 'data.txt'), 'w+')
+handle = open(os.path.join(tempfile.mkdtemp(), 'data.txt'), 'w+')
 handle.write('hello world\\n')
 handle.seek(6)
 ticks = [0]
@@ -49,6 +48,23 @@ def mem_available() -> int:
     raise AssertionError("no MemAvailable in /proc/meminfo")
 
 
+async def memory_returned(available_before: int, expected: float, wait: float = 3) -> bool:
+    """Whether the system's available memory grew by ``expected`` bytes (freeing lags a bit)."""
+    for _ in range(int(wait / 0.1)):
+        if mem_available() - available_before > expected:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def private_memory(pid: int) -> int:
+    """The process's anonymous and shared memory, from the kernel's own accounting."""
+    status = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return sum(int(status[key].split()[0]) * 1024 for key in ("RssAnon", "RssShmem"))
+
+
 def kernel_pid(jp_serverapp: Any, kernel_id: str) -> int:
     return jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner.kernel.pid
 
@@ -60,7 +76,8 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
     assert (await channel.execute(STATE))["status"] == "ok"
     before = await channel.execute("ticks[0], handle.tell(), child.pid, big_sum")
     pid = kernel_pid(jp_serverapp, kernel_id)
-    rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    private = private_memory(pid)
+    assert private > 2**30
     available_before = mem_available()
 
     model = await api("POST", "kernels", kernel_id, "hibernate")
@@ -68,10 +85,13 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
     assert model["execution_state"] == "hibernated"
     hibernation = model["hibernation"]
     assert hibernation["engine"] == "criu"
-    assert hibernation["image_bytes"] > 256 * 2**20
-    assert hibernation["freed_bytes"] >= rss
+    assert hibernation["image_bytes"] > 2**30
+    assert hibernation["freed_bytes"] >= private
     assert not Path(f"/proc/{pid}").exists(), "the kernel process must be gone"
-    assert mem_available() - available_before > 0.8 * rss
+    # 0.7, not 1: other processes on the machine allocate meanwhile.
+    assert await memory_returned(available_before, 0.7 * private), (
+        f"{(mem_available() - available_before) >> 20} MiB returned of {private >> 20} MiB"
+    )
     listed = {k["id"]: k for k in await api("GET", "kernels")}
     assert listed[kernel_id]["execution_state"] == "hibernated"
     assert listed[kernel_id]["hibernation"]["state"] == "hibernated"
@@ -89,14 +109,6 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
     assert after["status"] == "ok", after
     assert after["result"] == "(42, [1, 2, 3], 7, True, 6, 'world\\n', True, None, True)"
     assert after["execution_count"] == before["execution_count"] + 1
-
-
-async def wait_for_state(api: Any, kernel_id: str, state: str, timeout: float = 30) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (await api("GET", "kernels", kernel_id))["execution_state"] != state:
-        assert loop.time() < deadline, f"kernel {kernel_id} never became {state}"
-        await asyncio.sleep(0.05)
 
 
 async def test_message_on_open_websocket_wakes_kernel_and_is_answered_once(
@@ -241,3 +253,23 @@ async def test_tampered_image_is_refused_and_kept(
     (image / "manifest.json").write_text(json.dumps(manifest))
     await api("POST", "kernels", kernel_id, "wake")
     assert (await channel.execute("value"))["result"] == "42"
+
+
+async def test_kernels_sharing_a_directory_hibernate_at_once(
+    start_kernel: Any, api: Any, jp_root_dir: Path
+) -> None:
+    """CRIU mounts a proc in the kernel's directory; a stale one must not block dumps."""
+    (jp_root_dir / "proc.crtools").mkdir()  # left by an interrupted dump
+    kernels = [await start_kernel() for _ in range(3)]
+    for index, (_, channel) in enumerate(kernels):
+        await channel.execute(f"import os; here = os.getcwd(); index = {index}")
+
+    models = await asyncio.gather(
+        *(api("POST", "kernels", kernel_id, "hibernate") for kernel_id, _ in kernels)
+    )
+
+    assert [m["execution_state"] for m in models] == ["hibernated"] * 3
+    assert not (jp_root_dir / "proc.crtools").exists()
+    for index, (_, channel) in enumerate(kernels):
+        result = await channel.execute("index, here")
+        assert result["result"] == repr((index, str(jp_root_dir)))

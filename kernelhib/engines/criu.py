@@ -8,6 +8,7 @@ closed on restore (``--tcp-close``); ZMQ reconnects them by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import shutil
@@ -35,6 +36,7 @@ _RESTORE = {**_COMMON, "rst_sibling": "--restore-sibling"}
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 _PIDFILE = "restored.pid"
+_PROC_MOUNT = "proc.crtools"
 # Left behind by an interrupted lazy restore; a new restore refuses to start with it.
 _STALE = ("lazy-pages.socket", _PIDFILE)
 
@@ -125,6 +127,7 @@ class CriuEngine(Engine):
     def __init__(self, criu_path: str = "") -> None:
         self.criu_path = criu_path
         self._driver: _CliDriver | _RpcDriver | None = None
+        self._dump_lock = asyncio.Lock()
 
     def availability(self) -> Availability:
         if os.geteuid() != 0:
@@ -163,8 +166,17 @@ class CriuEngine(Engine):
         return self._driver
 
     async def dump(self, pid: int, image_dir: Path) -> None:
-        """Write the image of ``pid``'s tree into ``image_dir``; leave the tree stopped."""
-        await asyncio.to_thread(self.driver.dump, pid, image_dir)
+        """Write the image of ``pid``'s tree into ``image_dir``; leave the tree stopped.
+
+        One dump at a time: CRIU mounts a proc for the kernel's pid namespace at
+        ``proc.crtools`` in the kernel's working directory, so two kernels
+        sharing a directory cannot be dumped at once. A directory left there by
+        an interrupted dump would make every later dump fail; it is removed.
+        """
+        async with self._dump_lock:
+            with contextlib.suppress(OSError):
+                (Path(f"/proc/{pid}/cwd") / _PROC_MOUNT).rmdir()
+            await asyncio.to_thread(self.driver.dump, pid, image_dir)
 
     async def restore(self, image_dir: Path) -> int:
         """Restore the tree from ``image_dir`` as our child; return its host pid."""

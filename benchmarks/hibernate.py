@@ -1,0 +1,826 @@
+"""Benchmark kernel hibernation against plain file I/O and a kernel restart.
+
+For each size, a real ``jupyter server`` with kernelhib runs a python3 kernel
+holding that many bytes of random data. The kernel is hibernated and woken
+several times; in the same run, on the same disk, the same number of bytes is
+written (with fsync) and read back (from a cold page cache) with plain file
+I/O, and the kernel is restarted and the data recomputed. The results go to
+stdout, to a JSON file and, with ``--markdown``, into ``docs/performance.md``.
+
+Needs root (CRIU, and dropping the page cache). Run from the repository root::
+
+    .venv/bin/python benchmarks/hibernate.py --markdown docs/performance.md
+    .venv/bin/python benchmarks/hibernate.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import websocket
+from jupyter_client.jsonutil import json_default
+from jupyter_client.session import Session
+
+GIB = 1 << 30
+MIB = 1 << 20
+CHUNK = 64 * MIB
+HERE = Path(__file__).resolve().parent
+DEFAULT_JSON = HERE / "results" / "latest.json"
+MARK_START = "<!-- benchmark-results:start -->"
+MARK_END = "<!-- benchmark-results:end -->"
+# Targets from the issue: ratio name -> (limit, True if the ratio must stay at or below it).
+TARGETS = {
+    "hibernate_vs_write": (1.5, True),
+    "wake_vs_read": (1.5, True),
+    "freed_vs_rss": (0.95, False),
+    "worst_vs_median_wake": (2.0, True),
+}
+HTTP_TIMEOUT_S = 1800
+REPLY_TIMEOUT_S = 600
+
+
+class BenchmarkError(RuntimeError):
+    """The benchmark could not go on; the message says why."""
+
+
+# Measurements of the machine.
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise BenchmarkError("no MemAvailable in /proc/meminfo")
+
+
+def kernel_pids(kernel_id: str) -> list[int]:
+    """Host pids of every process of a kelnelhib kernel (found by its environment)."""
+    needle = f"KERNELHIB_KERNEL_ID={kernel_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def rss_bytes(pids: list[int]) -> dict[str, int]:
+    """Summed resident memory of ``pids``: total, anonymous, file-backed and shared memory."""
+    total = {"RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in total:
+                    total[key] += int(value.split()[0]) * 1024
+    return {
+        "rss": sum(total.values()),
+        "anon": total["RssAnon"],
+        "file": total["RssFile"],
+        "shmem": total["RssShmem"],
+    }
+
+
+def others_rss(exclude: list[int]) -> int:
+    """Summed private (anonymous and shmem) RSS of every process but ``exclude``: to tell
+    the kernel's freed memory from memory that other work on the machine took or gave
+    back meanwhile (file pages are left out: they are page cache either way)."""
+    pids = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
+    memory = rss_bytes([pid for pid in pids if pid not in exclude])
+    return memory["anon"] + memory["shmem"]
+
+
+def drop_caches(enabled: bool) -> None:
+    """Write back dirty pages and, if ``enabled``, empty the page cache."""
+    os.sync()
+    if enabled:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def write_file(path: Path, size: int, chunk: bytes) -> float:
+    """Seconds to write ``size`` bytes to a new file, fsync it and its directory."""
+    view = memoryview(chunk)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        left = size
+        while left:
+            left -= os.write(fd, view[: min(left, len(view))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return time.perf_counter() - started
+
+
+def read_file(path: Path, digest: bool = False) -> float:
+    """Seconds to read a file through (and SHA-256 it if ``digest``), as the wake does."""
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    hasher = hashlib.sha256() if digest else None
+    started = time.perf_counter()
+    with path.open("rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            if hasher is not None:
+                hasher.update(view[:n])
+    return time.perf_counter() - started
+
+
+def sha256_seconds(size: int, chunk: bytes) -> float:
+    """Seconds to SHA-256 ``size`` bytes already in memory."""
+    view = memoryview(chunk)
+    hasher = hashlib.sha256()
+    started = time.perf_counter()
+    left = size
+    while left:
+        n = min(left, len(view))
+        hasher.update(view[:n])
+        left -= n
+    return time.perf_counter() - started
+
+
+def _mount_of(path: Path) -> dict[str, str]:
+    """Device, mount point and filesystem type of the filesystem holding ``path``."""
+    best: dict[str, str] = {}
+    target = str(path.resolve())
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        device, mount, fstype = line.split()[:3]
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best.get("mount", "")):
+            best = {"device": device, "mount": mount, "fstype": fstype}
+    return best
+
+
+def machine_info(path: Path) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    disk = _mount_of(path)
+    name = Path(disk.get("device", "")).name
+    block = Path("/sys/class/block") / name
+    base = block.resolve().parent if (block / "partition").exists() else block.resolve()
+    rotational = base / "queue" / "rotational"
+    disk_model = base / "device" / "model"
+    info = {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "virtual_machine": " hypervisor" in cpuinfo,
+        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "disk": {
+            **disk,
+            "rotational": rotational.read_text().strip() == "1" if rotational.exists() else None,
+            "model": disk_model.read_text().strip() if disk_model.exists() else "",
+            "virtio": name.startswith("vd"),
+        },
+    }
+    with contextlib.suppress(Exception):
+        from kernelhib.engines.criu_install import locate_criu, version_text
+
+        binary = locate_criu()
+        info["criu"] = f"{version_text(binary.version)} at {binary.path}"
+    return info
+
+
+# The server and its kernels.
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether kernelhib/ differed from it (uncommitted edits)."""
+    repo = HERE.parent
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "kernelhib_modified": bool(git("status", "--porcelain", "--", "kernelhib")),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class JupyterServer:
+    """A ``jupyter server`` subprocess with kernelhib, on loopback, stopped on exit."""
+
+    def __init__(self, workdir: Path, image_dir: Path) -> None:
+        self.port = _free_port()
+        self.token = secrets.token_hex(16)
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = workdir / "server.log"
+        root_dir = workdir / "root"
+        root_dir.mkdir()
+        cmd = [
+            sys.executable, "-m", "jupyter_server",
+            f"--port={self.port}", "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={self.token}", "--ServerApp.open_browser=False",
+            "--allow-root", f"--ServerApp.root_dir={root_dir}",
+            f"--KernelHibernator.image_dir={image_dir}",
+        ]  # fmt: skip
+        self._log = self.log_path.open("wb")
+        # Its own session: a Ctrl-C meant for the benchmark must not reach the server,
+        # which would ask on stdin whether to shut down.
+        self.process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.kernels: set[str] = set()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchmarkError(f"the server exited at start:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                self.request("GET", "api/status", timeout=2)
+                extensions = self.log_path.read_text(errors="replace")
+                if "kernelhib" not in extensions:
+                    raise BenchmarkError("the server did not load the kernelhib extension")
+                return
+            time.sleep(0.2)
+        raise BenchmarkError(f"the server did not answer within {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float = HTTP_TIMEOUT_S
+    ) -> Any:
+        """One REST call; the decoded JSON reply, or None for an empty one."""
+        data = None if method in ("GET", "DELETE") else json.dumps(body or {}).encode()
+        request = urllib.request.Request(
+            self.url + path,
+            method=method,
+            data=data,
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise BenchmarkError(f"{method} {path}: HTTP {exc.code} {detail}") from exc
+        return json.loads(text) if text else None
+
+    def warm_up(self) -> dict[str, float]:
+        """Hibernate and wake an empty kernel once, so one-time costs (``criu check``,
+        imports in the server) do not land in the first measured run."""
+        kernel_id = self.start_kernel()
+        channel = KernelChannel(self, kernel_id)
+        try:
+            channel.execute("1+1", timeout=120)
+            started = time.perf_counter()
+            self.request("POST", f"api/kernels/{kernel_id}/hibernate")
+            hibernated = time.perf_counter()
+            self.request("POST", f"api/kernels/{kernel_id}/wake")
+            channel.execute("1+1")
+            woken = time.perf_counter()
+        finally:
+            channel.close()
+            self.shutdown_kernel(kernel_id)
+        return {"hibernate_s": hibernated - started, "wake_s": woken - hibernated}
+
+    def start_kernel(self) -> str:
+        kernel_id: str = self.request("POST", "api/kernels", {"name": "python3"})["id"]
+        self.kernels.add(kernel_id)
+        return kernel_id
+
+    def shutdown_kernel(self, kernel_id: str) -> None:
+        self.request("DELETE", f"api/kernels/{kernel_id}", timeout=120)
+        self.kernels.discard(kernel_id)
+
+    def stop(self) -> None:
+        """Shut down the kernels and the server; kill it if it does not go."""
+        if self.process.poll() is None:
+            for kernel_id in list(self.kernels):
+                with contextlib.suppress(Exception):
+                    self.shutdown_kernel(kernel_id)
+            with contextlib.suppress(Exception):
+                self.request("POST", "api/shutdown", timeout=10)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+        self._log.close()
+
+
+class KernelChannel:
+    """A kernel websocket through the server, as a notebook front end opens one."""
+
+    def __init__(self, server: JupyterServer, kernel_id: str) -> None:
+        self.session = Session()
+        url = (
+            f"ws://127.0.0.1:{server.port}/api/kernels/{kernel_id}/channels"
+            f"?session_id={uuid.uuid4()}"
+        )
+        self.ws = websocket.create_connection(
+            url, header=[f"Authorization: token {server.token}"], timeout=REPLY_TIMEOUT_S
+        )
+
+    def execute(self, code: str, timeout: float = REPLY_TIMEOUT_S) -> dict[str, Any]:
+        """Send ``code``; return the content of its execute_reply once it arrives."""
+        msg = self.session.msg("execute_request", {"code": code, "silent": False})
+        msg["channel"] = "shell"
+        msg_id = msg["header"]["msg_id"]
+        self.ws.send(json.dumps(msg, default=json_default))
+        deadline = time.monotonic() + timeout
+        while True:
+            self.ws.settimeout(max(deadline - time.monotonic(), 0.001))
+            raw = self.ws.recv()
+            if not raw:
+                raise BenchmarkError("the kernel websocket closed")
+            reply = json.loads(raw)
+            if reply.get("channel") == "shell" and reply["parent_header"].get("msg_id") == msg_id:
+                content: dict[str, Any] = reply["content"]
+                if content.get("status") != "ok":
+                    raise BenchmarkError(f"{code!r} failed in the kernel: {content}")
+                return content
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ws.close()
+
+
+# One size.
+
+
+def fill_code(size: int) -> str:
+    """Kernel code that (re)computes ``size`` bytes of random float64 data."""
+    return f"import numpy as np\ndata = np.random.default_rng(0).random({size // 8})"
+
+
+def _criu_dump_stats(image: Path) -> dict[str, float]:
+    """CRIU's own dump timings in seconds (from ``stats-dump``), or {} without pycriu."""
+    with contextlib.suppress(Exception):
+        from kernelhib.engines.criu_install import locate_criu
+
+        pycriu_dir = locate_criu().pycriu_dir
+        if pycriu_dir and str(pycriu_dir) not in sys.path:
+            sys.path.append(str(pycriu_dir))
+        from pycriu import images
+
+        with (image / "stats-dump").open("rb") as f:
+            stats = images.load(f)["entries"][0]["dump"]
+        return {
+            key: stats[key] / 1e6
+            for key in ("freezing_time", "frozen_time", "memdump_time", "memwrite_time")
+            if key in stats
+        }
+    return {}
+
+
+def bench_size(
+    server: JupyterServer,
+    size: int,
+    runs: int,
+    workdir: Path,
+    image_dir: Path,
+    drop: bool,
+) -> dict[str, Any]:
+    """Hibernate/wake runs, file I/O baselines and restarts for one size."""
+    label = f"{size / GIB:g} GiB"
+    chunk = os.urandom(min(CHUNK, size))
+    baseline_file = workdir / "baseline.bin"
+    result: dict[str, Any] = {"bytes": size, "runs": [], "restarts": [], "baseline": []}
+
+    print(f"[{label}] starting a kernel and computing the data", flush=True)
+    kernel_id = server.start_kernel()
+    channel = KernelChannel(server, kernel_id)
+    try:
+        channel.execute("1+1", timeout=120)
+        started = time.perf_counter()
+        channel.execute(fill_code(size))
+        result["fill_s"] = time.perf_counter() - started
+        channel.execute("import hashlib\ndigest = hashlib.sha256(data).hexdigest()")
+
+        for run in range(runs):
+            drop_caches(drop)
+            write_s = write_file(baseline_file, size, chunk)
+            drop_caches(drop)
+            read_s = read_file(baseline_file)
+            drop_caches(drop)
+            read_sha_s = read_file(baseline_file, digest=True)
+            baseline_file.unlink()
+            baseline = {
+                "write_s": write_s,
+                "read_s": read_s,
+                "read_sha256_s": read_sha_s,
+                "sha256_s": sha256_seconds(size, chunk),
+            }
+            result["baseline"].append(baseline)
+
+            pids = kernel_pids(kernel_id)
+            memory = rss_bytes(pids)
+            rss = memory["rss"]
+            drop_caches(drop)
+            available = mem_available()
+            server_rss = rss_bytes([server.process.pid])["rss"]
+            others = others_rss(pids)
+            started = time.perf_counter()
+            model = server.request("POST", f"api/kernels/{kernel_id}/hibernate")
+            hibernate_s = time.perf_counter() - started
+            time.sleep(0.5)  # let the freed memory show in /proc/meminfo
+            freed_cached = mem_available() - available
+            drop_caches(drop)
+            freed = mem_available() - available
+            server_growth = rss_bytes([server.process.pid])["rss"] - server_rss
+            others_growth = others_rss(pids) - others
+            hibernation = model["hibernation"]
+            if model["execution_state"] != "hibernated" or kernel_pids(kernel_id):
+                raise BenchmarkError(f"the kernel still runs after hibernation: {model}")
+            criu = _criu_dump_stats(image_dir / kernel_id)
+
+            drop_caches(drop)
+            started = time.perf_counter()
+            model = server.request("POST", f"api/kernels/{kernel_id}/wake")
+            wake_post_s = time.perf_counter() - started
+            channel.execute("1+1")
+            wake_s = time.perf_counter() - started
+            if model.get("hibernation"):
+                raise BenchmarkError(f"the kernel did not wake: {model}")
+
+            rss_woken = rss_bytes(kernel_pids(kernel_id))["rss"]
+            measured = {
+                "hibernate_s": hibernate_s,
+                "hibernate_server_s": hibernation["seconds"],
+                "criu_dump_s": criu.get("frozen_time"),
+                "criu_dump_stats_s": criu,
+                "wake_s": wake_s,
+                "wake_post_s": wake_post_s,
+                "image_bytes": hibernation["image_bytes"],
+                "rss_bytes": rss,
+                "rss_anon_bytes": memory["anon"],
+                "rss_file_bytes": memory["file"],
+                "rss_shmem_bytes": memory["shmem"],
+                "freed_bytes_reported": hibernation["freed_bytes"],
+                "mem_available_gain_bytes": freed,
+                "mem_available_gain_image_cached_bytes": freed_cached,
+                "server_rss_growth_bytes": server_growth,
+                "others_rss_growth_bytes": others_growth,
+                "freed_bytes": freed + others_growth,
+                "rss_after_wake_bytes": rss_woken,
+                "kernel_processes": len(pids),
+            }
+            result["runs"].append(measured)
+            print(
+                f"[{label}] run {run + 1}/{runs}: hibernate {hibernate_s:.2f} s "
+                f"(write {write_s:.2f} s), wake {wake_s:.2f} s (read {read_s:.2f} s), "
+                f"image {hibernation['image_bytes'] / MIB:.0f} MiB, "
+                f"freed {(freed + others_growth) / MIB:.0f} of {rss / MIB:.0f} MiB RSS "
+                f"(MemAvailable {freed / MIB:+.0f}, other processes {others_growth / MIB:+.0f})",
+                flush=True,
+            )
+
+        intact = channel.execute(
+            "assert hashlib.sha256(data).hexdigest() == digest, 'data changed'"
+        )
+        result["data_intact"] = intact["status"] == "ok"
+
+        for run in range(runs):
+            channel.close()
+            started = time.perf_counter()
+            server.request("POST", f"api/kernels/{kernel_id}/restart")
+            restart_post_s = time.perf_counter() - started
+            channel = KernelChannel(server, kernel_id)
+            reply = channel.execute(fill_code(size))
+            restart_s = time.perf_counter() - started
+            if reply["execution_count"] != 1:
+                raise BenchmarkError(f"the kernel did not restart: {reply}")
+            result["restarts"].append({"restart_s": restart_s, "restart_post_s": restart_post_s})
+            print(f"[{label}] restart {run + 1}/{runs}: {restart_s:.2f} s", flush=True)
+    finally:
+        channel.close()
+        with contextlib.suppress(Exception):
+            server.shutdown_kernel(kernel_id)
+        baseline_file.unlink(missing_ok=True)
+        shutil.rmtree(image_dir / kernel_id, ignore_errors=True)
+        drop_caches(drop)
+
+    result["load_average"] = os.getloadavg()
+    result["summary"] = summarize(result)
+    return result
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Medians, worst cases and the ratios checked against the targets."""
+    runs, baseline = result["runs"], result["baseline"]
+
+    def median(rows: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(row[key] for row in rows)
+
+    wake = [run["wake_s"] for run in runs]
+    freed = [run["freed_bytes"] / run["rss_bytes"] for run in runs]
+    summary = {
+        "hibernate_median_s": median(runs, "hibernate_s"),
+        "hibernate_worst_s": max(run["hibernate_s"] for run in runs),
+        "wake_median_s": statistics.median(wake),
+        "wake_worst_s": max(wake),
+        "wake_post_median_s": median(runs, "wake_post_s"),
+        "write_median_s": median(baseline, "write_s"),
+        "read_median_s": median(baseline, "read_s"),
+        "read_sha256_median_s": median(baseline, "read_sha256_s"),
+        "sha256_median_s": median(baseline, "sha256_s"),
+        "restart_median_s": median(result["restarts"], "restart_s"),
+        "restart_worst_s": max(row["restart_s"] for row in result["restarts"]),
+        "image_bytes": int(median(runs, "image_bytes")),
+        "rss_bytes": int(median(runs, "rss_bytes")),
+        "mem_available_gain_bytes": int(median(runs, "mem_available_gain_bytes")),
+        "freed_bytes": int(median(runs, "freed_bytes")),
+        "criu_dump_median_s": (
+            statistics.median(d for run in runs if (d := run["criu_dump_s"]) is not None)
+            if any(run["criu_dump_s"] is not None for run in runs)
+            else None
+        ),
+    }
+    summary["ratios"] = {
+        "hibernate_vs_write": summary["hibernate_median_s"] / summary["write_median_s"],
+        "wake_vs_read": summary["wake_median_s"] / summary["read_median_s"],
+        "freed_vs_rss": statistics.median(freed),
+        "freed_vs_rss_worst": min(freed),
+        "worst_vs_median_wake": summary["wake_worst_s"] / summary["wake_median_s"],
+        "restart_vs_wake": summary["restart_median_s"] / summary["wake_median_s"],
+    }
+    summary["targets_met"] = {
+        name: (value <= limit if at_most else value >= limit)
+        for name, (limit, at_most) in TARGETS.items()
+        for value in [summary["ratios"][name]]
+    }
+    return summary
+
+
+# Reporting.
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / MIB:.0f} MiB"
+
+
+def _mark(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def tables(report: dict[str, Any]) -> str:
+    """The results as Markdown tables (also readable on a terminal)."""
+    sizes = report["sizes"]
+    lines = [
+        "| Data | Runs | Hibernate median / worst | Write + fsync | Wake to 1st reply "
+        "median / worst | Cold read | Restart + recompute | Image | Kernel RSS "
+        "| Memory freed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sizes:
+        s = row["summary"]
+        lines.append(
+            f"| {row['bytes'] / GIB:g} GiB | {len(row['runs'])} "
+            f"| {s['hibernate_median_s']:.2f} / {s['hibernate_worst_s']:.2f} s "
+            f"| {s['write_median_s']:.2f} s "
+            f"| {s['wake_median_s']:.2f} / {s['wake_worst_s']:.2f} s "
+            f"| {s['read_median_s']:.2f} s "
+            f"| {s['restart_median_s']:.2f} s "
+            f"| {_size(s['image_bytes'])} | {_size(s['rss_bytes'])} "
+            f"| {_size(s['freed_bytes'])} |"
+        )
+    lines += [
+        "",
+        "| Data | Hibernate / write (≤ 1.5) | Wake / read (≤ 1.5) | Freed / RSS, median "
+        "(≥ 95 %) | Worst / median wake (≤ 2) | Restart + recompute / wake |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in sizes:
+        r, met = row["summary"]["ratios"], row["summary"]["targets_met"]
+        lines.append(
+            f"| {row['bytes'] / GIB:g} GiB "
+            f"| {r['hibernate_vs_write']:.2f} ({_mark(met['hibernate_vs_write'])}) "
+            f"| {r['wake_vs_read']:.2f} ({_mark(met['wake_vs_read'])}) "
+            f"| {r['freed_vs_rss']:.1%}, worst {r['freed_vs_rss_worst']:.1%} "
+            f"({_mark(met['freed_vs_rss'])}) "
+            f"| {r['worst_vs_median_wake']:.2f} ({_mark(met['worst_vs_median_wake'])}) "
+            f"| {r['restart_vs_wake']:.1f}x |"
+        )
+    lines += [
+        "",
+        "Where the time goes (medians):",
+        "",
+        "| Data | CRIU dump | Rest of hibernate (fsync, SHA-256, manifest) | SHA-256 in memory "
+        "| Cold read + SHA-256 | Wake request | First reply after wake request |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in sizes:
+        s = row["summary"]
+        server_s = statistics.median(run["hibernate_server_s"] for run in row["runs"])
+        dump = s["criu_dump_median_s"]
+        lines.append(
+            f"| {row['bytes'] / GIB:g} GiB "
+            f"| {f'{dump:.2f} s' if dump is not None else 'n/a'} "
+            f"| {f'{server_s - dump:.2f} s' if dump is not None else 'n/a'} "
+            f"| {s['sha256_median_s']:.2f} s | {s['read_sha256_median_s']:.2f} s "
+            f"| {s['wake_post_median_s']:.2f} s "
+            f"| {s['wake_median_s'] - s['wake_post_median_s']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
+def _code_text(report: dict[str, Any]) -> str:
+    code = report.get("code") or {}
+    if not code.get("commit"):
+        return ""
+    dirty = " plus uncommitted changes to kernelhib/" if code.get("kernelhib_modified") else ""
+    return f" (commit {code['commit']}{dirty})"
+
+
+def machine_text(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    disk = m["disk"]
+    kind = "virtio block device" if disk.get("virtio") else "block device"
+    rotational = {True: "reports rotational", False: "reports non-rotational", None: ""}
+    parts = [
+        f"- Measured {report['date']} with kernelhib {report['kernelhib']}{_code_text(report)}, "
+        f"CRIU {m.get('criu', 'unknown')}.",
+        f"- {m['cores']} cores ({m['cpu']}){', virtual machine' if m['virtual_machine'] else ''}, "
+        f"{m['memory_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}.",
+        f"- Disk: {disk.get('fstype', '?')} on {disk.get('device', '?')} ({kind}"
+        f"{', ' + disk['model'] if disk.get('model') else ''}"
+        f"{', ' + rotational[disk.get('rotational')] if disk.get('rotational') is not None else ''}"
+        f"), mounted at {disk.get('mount', '?')}; images and baseline files in "
+        f"`{report['work_dir']}`.",
+        "- Page cache: "
+        + (
+            "dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every baseline "
+            "read and before every wake, so both read from disk."
+            if report["caches_dropped"]
+            else "**not** dropped (run without root or with `--no-drop-caches`): reads may "
+            "come from memory."
+        ),
+        f"- Command: `{report['command']}`",
+    ]
+    return "\n".join(parts)
+
+
+def update_markdown(path: Path, report: dict[str, Any]) -> None:
+    """Replace the generated section of ``path`` (or append one) with this run's results."""
+    section = f"{MARK_START}\n{machine_text(report)}\n\n{tables(report)}\n{MARK_END}"
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# Driving it.
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--sizes", type=float, nargs="+", default=[0.1, 1, 4], metavar="GIB",
+        help="data held by the kernel, in GiB (default: 0.1 1 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--runs", type=int, nargs="+", metavar="N",
+        help="hibernate/wake runs (and restarts): one count for all sizes, or one per size "
+        "(default: 5, and 3 from 4 GiB up)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke check: 0.1 GiB, 2 runs, no Markdown"
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=Path("/var/tmp"),
+        help="where to put images and baseline files: the disk being measured "
+        "(default: /var/tmp)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"results file (default: {DEFAULT_JSON})"
+    )
+    parser.add_argument("--markdown", type=Path, help="update the results section of this file")
+    parser.add_argument(
+        "--no-drop-caches", action="store_true",
+        help="do not drop the page cache before reads and wakes (needed without root)",
+    )  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON",
+        help="measure nothing: print (and with --markdown, write) the tables of a results file",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.runs, args.markdown = [0.1], [2], None
+    if args.runs is None:
+        args.runs = [5 if s < 4 else 3 for s in args.sizes]
+    elif len(args.runs) == 1:
+        args.runs = args.runs * len(args.sizes)
+    if len(args.runs) != len(args.sizes) or min(args.runs) < 1:
+        parser.error("--runs takes one positive count, or one per size")
+    return args
+
+
+def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def running_server(workdir: Path, image_dir: Path) -> Iterator[JupyterServer]:
+    server = JupyterServer(workdir, image_dir)
+    try:
+        server.wait_ready()
+        yield server
+    except BaseException:
+        print(f"server log tail:\n{server.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        print(tables(report))
+        if args.markdown:
+            update_markdown(args.markdown, report)
+        return 0
+    drop = not args.no_drop_caches
+    if drop and os.geteuid() != 0:
+        print("not root: cannot drop the page cache; use --no-drop-caches", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="kernelhib-bench-", dir=args.dir))
+    image_dir = workdir / "images"
+    from kernelhib import __version__
+
+    report: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernelhib": __version__,
+        "code": code_version(),
+        "command": " ".join(["python", "benchmarks/hibernate.py", *(argv or sys.argv[1:])]),
+        "machine": machine_info(workdir),
+        "work_dir": str(workdir),
+        "caches_dropped": drop,
+        "sizes": [],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with running_server(workdir, image_dir) as server:
+            report["warmup"] = server.warm_up()
+            for size_gib, runs in zip(args.sizes, args.runs, strict=True):
+                size = int(size_gib * GIB) // 8 * 8
+                report["sizes"].append(bench_size(server, size, runs, workdir, image_dir, drop))
+                args.json.write_text(json.dumps(report, indent=1) + "\n")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(tables(report))
+    print(f"\nresults: {args.json}")
+    if args.markdown:
+        update_markdown(args.markdown, report)
+        print(f"updated: {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,599 @@
+"""Save an IPython kernel's namespace with dill, and load it into a fresh kernel.
+
+The fallback for kernels CRIU cannot checkpoint. This file runs inside the
+kernel: the server sends its source in a silent execute request and calls
+:func:`save` or :func:`load` there. So it imports nothing from kernelhib, only
+the standard library, dill and IPython, and it never prints while it works:
+the server reads the return value.
+
+A snapshot is the values of the user's variables, not the process. Threads,
+comms, open handles and state kept inside imported modules are gone after a
+load, so the first cell run after it says so, once.
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import contextlib
+import importlib
+import io
+import json
+import os
+import pickle
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import IO, Any
+
+import dill
+from IPython import get_ipython
+from IPython.core.interactiveshell import InteractiveShell
+
+SUMMARY = "snapshot.json"
+STATE = "state.json"
+_PICKLE = "namespace.pkl"
+_DATA = "namespace.data"  # the arrays' data, out of band
+_FORMAT = 1
+
+# IPython's own names: history is restored as history, the rest exists in any kernel.
+_IPYTHON_NAMES = re.compile(r"(In|Out|exit|quit|get_ipython|_[iod]h|_i{1,3}|_i\d+|_\d+|_{1,3})\Z")
+_UNDERS = ("_", "__", "___")
+# The per-launch variables of the new kernel process win over the saved ones.
+_LAUNCH_ENV = "JPY_"
+_FILE_REASON = "file handle: reopening it could overwrite the file"
+_REFUSED: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    (socket.socket, "open socket: its connection ended with the old kernel"),
+    (
+        (type(threading.Lock()), type(threading.RLock()), threading.Thread),
+        "thread or lock: the threads that used it are gone",
+    ),
+    (
+        (types.GeneratorType, types.AsyncGeneratorType),
+        "generator: its paused frame cannot be saved",
+    ),
+    (types.CoroutineType, "coroutine: its paused frame cannot be saved"),
+    ((sqlite3.Connection, sqlite3.Cursor), "sqlite3 connection: reconnect after wake"),
+    (subprocess.Popen, "child process: it ended with the old kernel"),
+    (InteractiveShell, "the IPython shell: call get_ipython() again after wake"),
+)
+# Objects of these packages belong to the kernel process: its comms and ZMQ sockets.
+_KERNEL_PACKAGES = ("ipykernel.", "zmq.", "comm.")
+_KERNEL_REASON = "part of the old kernel process (a comm or ZMQ socket)"
+_INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+_FILE_BACKENDS = frozenset({"agg", "cairo", "pdf", "pgf", "ps", "svg", "template"})
+
+# A pickled item is keyed by its kind and name: a variable, an output or one of _ __ ___.
+_Key = tuple[str, Any]
+
+
+class _Refused(Exception):
+    """An object that must never be written to a snapshot was reached."""
+
+    def __init__(self, obj: object, reason: str) -> None:
+        super().__init__(reason)
+        self.obj = obj
+        self.reason = reason
+
+
+def _refusal(obj: object) -> str | None:
+    """Why ``obj`` must not be pickled, or None if dill may try.
+
+    dill pickles an open file by name and mode and reopens it on load: a file
+    opened for writing comes back truncated. In-memory buffers are safe.
+    """
+    if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
+        try:
+            return f"{'closed' if obj.closed else 'open'} {_FILE_REASON}"
+        except Exception:  # a detached or half-built file object
+            return _FILE_REASON
+    for kinds, reason in _REFUSED:
+        if isinstance(obj, kinds):
+            return reason
+    if type(obj).__module__.startswith(_KERNEL_PACKAGES) and not isinstance(obj, type):
+        return _KERNEL_REASON
+    return None
+
+
+class _Pickler(dill.Pickler):
+    """dill, one value at a time into one stream, refusing what must not come back.
+
+    The memo is kept from one value to the next, so an object two values share
+    is written once and comes back shared; a value that fails is cut out of the
+    stream and its memo entries forgotten. ``recurse`` stays off: a function
+    defined in a cell then pickles its globals as a reference to ``__main__``,
+    so after load it sees the restored namespace, later redefinitions and its
+    own ``global`` writes, as before.
+    """
+
+    def __init__(self, file: IO[bytes], main: types.ModuleType) -> None:
+        self.arrays: list[pickle.PickleBuffer] = []
+        self.references: set[int] = set()
+        super().__init__(
+            file, protocol=dill.HIGHEST_PROTOCOL, buffer_callback=self.arrays.append, recurse=False
+        )
+        self._main = main
+
+    def reducer_override(self, obj: object) -> Any:
+        reason = _refusal(obj)
+        if reason:
+            raise _Refused(obj, reason)
+        kind = type(obj)
+        if kind.__name__ == "ndarray" and kind.__module__ == "numpy":
+            # numpy's own reduction puts the data out of band; dill's copies it.
+            return obj.__reduce_ex__(5)  # type: ignore[attr-defined]
+        return NotImplemented
+
+    def get(self, i: int) -> bytes:
+        self.references.add(i)  # an object met before: perhaps in an earlier value
+        return super().get(i)
+
+    def forget(self, memo: int, arrays: int) -> None:
+        """Drop what a failed value left in the memo and the array list."""
+        while len(self.memo) > memo:
+            self.memo.popitem()
+        del self.arrays[arrays:]
+        self._postproc.clear()
+
+
+class _Unpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """The pure-Python unpickler, which takes over once a value fails to load.
+
+    Its memo is a plain dict, so the entries the failed value should have made
+    can be filled with placeholders and the later values' memo numbers stay
+    right; the C unpickler's memo cannot be set. Like dill, it maps
+    ``__main__``'s namespace to the user's.
+    """
+
+    def __init__(
+        self, file: IO[bytes], buffers: _Feed, main: types.ModuleType, memo: dict[int, Any]
+    ) -> None:
+        super().__init__(file, buffers=buffers)
+        self.main = main
+        self.memo = memo
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("__builtin__", "__main__"):
+            return self.main.__dict__
+        return super().find_class(module, name)
+
+
+class _Feed:
+    """The out-of-band array data of the value being loaded, taken by the unpickler in order."""
+
+    def __init__(self) -> None:
+        self._buffers: Iterator[bytearray] = iter(())
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> bytearray:
+        return next(self._buffers)
+
+    def read(self, data: IO[bytes], offset: int, sizes: list[int]) -> None:
+        data.seek(offset)
+        buffers = [bytearray(size) for size in sizes]
+        for buffer in buffers:
+            if data.readinto(buffer) != len(buffer):
+                raise EOFError(f"{data.name} is truncated")
+        self._buffers = iter(buffers)
+
+
+def _nbytes(buffer: pickle.PickleBuffer) -> int:
+    with buffer.raw() as view:
+        return view.nbytes
+
+
+def _shell() -> Any:
+    shell = get_ipython()
+    if shell is None:
+        raise RuntimeError("kernelhib's dill snapshot runs only inside an IPython kernel")
+    return shell
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Swallow what imports and unpickling print: the server reads the return value."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+def _type_name(obj: object) -> str:
+    kind = type(obj)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def _why_not(value: object, exc: Exception) -> str:
+    """A short reason a value cannot be kept, for the user to read."""
+    if isinstance(exc, _Refused):
+        if exc.obj is value:
+            return exc.reason
+        return f"refers to a {_type_name(exc.obj)} ({exc.reason})"
+    if isinstance(exc, dill.PicklingWarning):
+        return f"dill could only save it by name, which a new kernel lacks ({exc})"
+    return (str(exc) or type(exc).__name__)[:200]
+
+
+def _write(directory: str, name: str, write: Callable[[IO[bytes]], None]) -> int:
+    """Write a private file whole or not at all; return its size."""
+    path = os.path.join(directory, name)
+    partial = path + ".partial"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    return os.path.getsize(path)
+
+
+def _write_json(directory: str, name: str, data: dict[str, Any]) -> int:
+    return _write(directory, name, lambda f: f.write(json.dumps(data).encode()))
+
+
+def _namespace(shell: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The user's variables, and separately the modules they name (alias -> module)."""
+    hidden = shell.user_ns_hidden
+    missing = object()
+    variables: dict[str, Any] = {}
+    modules: dict[str, str] = {}
+    for name, value in shell.user_ns.items():
+        if _IPYTHON_NAMES.match(name) or (name.startswith("__") and name.endswith("__")):
+            continue
+        if hidden.get(name, missing) is value:
+            continue
+        if isinstance(value, types.ModuleType) and sys.modules.get(value.__name__) is value:
+            modules[name] = value.__name__
+        else:
+            variables[name] = value
+    return variables, modules
+
+
+def _imports(shell: Any) -> list[str]:
+    """The modules named by the import statements of the cells run so far that are loaded.
+
+    Reading the cells, rather than comparing ``sys.modules`` with the modules
+    loaded at kernel start, keeps out what IPython and libraries load for
+    themselves (jedi after a completion) and keeps imports done only for their
+    side effects (a pandas accessor). Imports in ``%run`` scripts are missed;
+    the modules they bound to names are still restored.
+    """
+    names: set[str] = set()
+    for source in shell.history_manager.input_hist_parsed:
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module)
+    return sorted(name for name in names if name in sys.modules)
+
+
+def _items(shell: Any, variables: dict[str, Any]) -> dict[_Key, Any]:
+    """Everything to pickle together: variables, outputs and ``_ __ ___``.
+
+    One pickle keeps shared references shared: two names for one list stay one
+    list, and ``Out[3]`` stays the very DataFrame that ``df`` names.
+    """
+    items: dict[_Key, Any] = {("var", name): value for name, value in variables.items()}
+    items.update(
+        (("out", number), value) for number, value in shell.history_manager.output_hist.items()
+    )
+    items.update(
+        (("under", name), shell.user_ns[name]) for name in _UNDERS if name in shell.user_ns
+    )
+    return items
+
+
+def _label(kind: str, name: Any) -> str:
+    return f"Out[{name}]" if kind == "out" else str(name)
+
+
+def _pickle(
+    directory: str, items: dict[_Key, Any], main: types.ModuleType
+) -> tuple[list[dict[str, Any]], dict[_Key, str], int]:
+    """Pickle ``items`` one by one into one stream; return its index, the failures, bytes.
+
+    Each entry of the index says where a value starts, how many memo entries
+    exist after it, the sizes of its array data, and which earlier values it
+    shares objects with: if one of those fails to load, it cannot load either.
+    dill's warnings that it falls back to a reference by name are errors here,
+    as a new kernel has no such name.
+    """
+    entries: list[dict[str, Any]] = []
+    failures: dict[_Key, str] = {}
+    arrays: list[pickle.PickleBuffer] = []
+    starts: list[int] = []  # memo size when each entry began, to find who owns an object
+
+    def write(f: IO[bytes]) -> None:
+        pickler = _Pickler(f, main)
+        for (kind, name), value in items.items():
+            offset, memo, first_array = f.tell(), len(pickler.memo), len(pickler.arrays)
+            pickler.references.clear()
+            try:
+                pickler.dump(value)
+            except Exception as exc:
+                pickler.forget(memo, first_array)
+                f.seek(offset)
+                f.truncate()
+                failures[(kind, name)] = _why_not(value, exc)
+                continue
+            owners = {bisect.bisect_right(starts, i) - 1 for i in pickler.references if i < memo}
+            starts.append(memo)
+            entries.append(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "type": _type_name(value),
+                    "offset": offset,
+                    "memo": len(pickler.memo),
+                    "after": sorted(owners),
+                    "buffers": [_nbytes(array) for array in pickler.arrays[first_array:]],
+                }
+            )
+        arrays.extend(pickler.arrays)
+
+    def write_arrays(f: IO[bytes]) -> None:
+        for array in arrays:
+            with array.raw() as view:
+                f.write(view)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dill.PicklingWarning)
+        size = _write(directory, _PICKLE, write)
+    return entries, failures, size + _write(directory, _DATA, write_arrays)
+
+
+def _matplotlib_backend() -> str | None:
+    """The backend in use, if pyplot was imported (before that there is none to keep)."""
+    if "matplotlib.pyplot" not in sys.modules:
+        return None
+    return str(sys.modules["matplotlib"].get_backend())
+
+
+def save(directory: str) -> dict[str, Any]:
+    """Snapshot the kernel's user namespace, history and process settings into ``directory``.
+
+    Returns, and writes as ``snapshot.json``: ``variables`` (names kept),
+    ``lost`` (``{"name", "type", "reason"}`` of each variable not kept),
+    ``modules`` (alias -> module name), ``execution_count`` (the number of
+    the last cell run) and ``bytes`` (size of the other files written).
+    """
+    shell = _shell()
+    with _quiet():
+        variables, modules = _namespace(shell)
+        items = _items(shell, variables)
+        entries, failures, size = _pickle(directory, items, shell.user_module)
+        history = shell.history_manager
+        state = {
+            "format": _FORMAT,
+            "cwd": os.getcwd(),
+            "environ": dict(os.environ),
+            "sys_path": list(sys.path),
+            "imports": _imports(shell),
+            "input_hist_raw": list(history.input_hist_raw),
+            "input_hist_parsed": list(history.input_hist_parsed),
+            "last_inputs": {name: getattr(history, name) for name in ("_i00", "_i", "_ii", "_iii")},
+            "matplotlib": _matplotlib_backend(),
+            "items": entries,
+        }
+        size += _write_json(directory, STATE, state)
+        lost = [
+            {"name": key[1], "type": _type_name(variables[key[1]]), "reason": reason}
+            for key, reason in failures.items()
+            if key[0] == "var"
+        ]
+        summary = {
+            "variables": sorted(name for name in variables if ("var", name) not in failures),
+            "lost": sorted(lost, key=lambda entry: entry["name"]),
+            "modules": modules,
+            "execution_count": shell.execution_count - 1,
+            "bytes": size,
+        }
+        _write_json(directory, SUMMARY, summary)
+    return summary
+
+
+def _restore_process(state: dict[str, Any], problems: list[str]) -> None:
+    """Working directory, environment and ``sys.path``, before anything is imported."""
+    try:
+        os.chdir(state["cwd"])
+    except OSError as exc:
+        problems.append(f"working directory not restored: {exc}")
+    environ = {k: v for k, v in state["environ"].items() if not k.startswith(_LAUNCH_ENV)}
+    for name in [k for k in os.environ if k not in environ and not k.startswith(_LAUNCH_ENV)]:
+        del os.environ[name]
+    os.environ.update(environ)
+    sys.path[:] = state["sys_path"] + [p for p in sys.path if p not in state["sys_path"]]
+    for name in state["imports"]:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            problems.append(f"import {name} failed: {_why_not(None, exc)}")
+
+
+def _unpickle(
+    directory: str,
+    main: types.ModuleType,
+    entries: list[dict[str, Any]],
+    lost: list[dict[str, str]],
+) -> dict[_Key, Any]:
+    """Every value that loads; one that does not is lost with those that share its objects.
+
+    The fast C unpickler reads the stream until a value fails; the pure-Python
+    one, given its memo, carries on from the next value.
+    """
+    items: dict[_Key, Any] = {}
+    failed: dict[int, str] = {}
+    feed = _Feed()
+    offset = 0
+    with (
+        open(os.path.join(directory, _PICKLE), "rb") as f,
+        open(os.path.join(directory, _DATA), "rb") as data,
+    ):
+        unpickler: Any = dill.Unpickler(f, buffers=feed, ignore=True)
+        unpickler._main = main  # globals of functions pickled by reference to __main__
+        for index, entry in enumerate(entries):
+            kind, name = entry["kind"], entry["name"]
+            culprits = [failed[i] for i in entry["after"] if i in failed]
+            try:
+                if culprits:
+                    raise LookupError(
+                        f"shares objects with {', '.join(culprits)}, which did not load"
+                    )
+                if isinstance(unpickler, _Unpickler):
+                    f.seek(entry["offset"])
+                feed.read(data, offset, entry["buffers"])
+                items[(kind, name)] = unpickler.load()
+            except Exception as exc:
+                failed[index] = _label(kind, name)
+                if not isinstance(unpickler, _Unpickler):
+                    unpickler = _Unpickler(f, feed, main, unpickler.memo.copy())
+                unpickler.memo.update((i, None) for i in range(len(unpickler.memo), entry["memo"]))
+                if kind == "var":
+                    reason = (
+                        str(exc) if culprits else f"could not be unpickled: {_why_not(None, exc)}"
+                    )
+                    lost.append({"name": name, "type": entry["type"], "reason": reason})
+            offset += sum(entry["buffers"])
+    return items
+
+
+def _restore_history(shell: Any, state: dict[str, Any], items: dict[_Key, Any]) -> None:
+    """``In``, ``Out``, ``_i<N>``, ``_<N>``, ``_i``... and ``_ __ ___``, as IPython keeps them."""
+    history = shell.history_manager
+    history.input_hist_raw[:] = state["input_hist_raw"]
+    history.input_hist_parsed[:] = state["input_hist_parsed"]  # the very list In names
+    for name, source in state["last_inputs"].items():
+        setattr(history, name, source)
+    outputs = {number: value for (kind, number), value in items.items() if kind == "out"}
+    history.output_hist.update(outputs)
+    unders = {name: value for (kind, name), value in items.items() if kind == "under"}
+    for name, value in unders.items():
+        setattr(shell.displayhook, name, value)  # else the next output stops updating _
+    names = {f"_i{n}": source for n, source in enumerate(state["input_hist_raw"]) if n}
+    names.update((f"_{n}", value) for n, value in outputs.items())
+    names.update({name: state["last_inputs"][name] for name in ("_i", "_ii", "_iii")})
+    shell.push({**names, **unders}, interactive=False)
+
+
+def _restore_matplotlib(shell: Any, backend: str | None, problems: list[str]) -> None:
+    """Inline and file backends come back; a GUI or widget backend needs ``%matplotlib``."""
+    if backend is None:
+        return
+    gui = "inline" if backend == _INLINE_BACKEND else backend.lower()
+    if gui != "inline" and gui not in _FILE_BACKENDS:
+        problems.append(f"matplotlib backend {backend} not restored: run %matplotlib again")
+        return
+    try:
+        shell.enable_matplotlib(gui)
+    except Exception as exc:
+        problems.append(f"matplotlib backend {backend} not restored: {_why_not(None, exc)}")
+
+
+def _notice(lost: list[dict[str, str]], problems: list[str]) -> str:
+    """What the first cell after a load tells the user, even if nothing was lost.
+
+    Even then the kernel is a new process: threads, comms and state inside
+    imported modules (random generators, library options) did not come back.
+    """
+    text = "kernelhib: this kernel was restored from a dill snapshot into a new process."
+    if lost:
+        text += " Not kept: " + ", ".join(f"{e['name']} ({e['reason']})" for e in lost) + "."
+    text += (
+        " Threads, comms and widgets, open handles and state held inside imported modules"
+        " (random generators, library options) are gone."
+    )
+    return "\n".join([text, *(f"kernelhib: {problem}" for problem in problems)])
+
+
+def _announce(shell: Any, text: str) -> None:
+    """Print ``text`` to stderr in the next cell the user runs, once.
+
+    ``pre_run_cell`` does not fire for silent requests, so the server's own
+    requests (the load itself included) do not use it up.
+    """
+
+    def announce(info: object) -> None:
+        shell.events.unregister("pre_run_cell", announce)
+        print(text, file=sys.stderr, flush=True)
+
+    shell.events.register("pre_run_cell", announce)
+
+
+def load(directory: str) -> dict[str, Any]:
+    """Restore a snapshot written by :func:`save` into this (fresh) kernel.
+
+    Returns ``lost`` (what :func:`save` could not keep, plus variables whose
+    pickle or module did not load), ``restored`` (names now in the namespace)
+    and ``warnings`` (process settings that could not be restored).
+    """
+    shell = _shell()
+    with _quiet():
+        with open(os.path.join(directory, SUMMARY)) as f:
+            summary = json.load(f)
+        with open(os.path.join(directory, STATE)) as f:
+            state = json.load(f)
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"unknown snapshot format {state.get('format')!r} in {directory}")
+        problems: list[str] = []
+        lost: list[dict[str, str]] = list(summary["lost"])
+        _restore_process(state, problems)
+        namespace: dict[str, Any] = {}
+        for alias, module in summary["modules"].items():
+            try:
+                namespace[alias] = importlib.import_module(module)
+            except Exception as exc:
+                reason = f"import {module} failed: {_why_not(None, exc)}"
+                lost.append({"name": alias, "type": "module", "reason": reason})
+        shell.push(namespace)  # first: code run by unpickling may use the modules
+        items = _unpickle(directory, shell.user_module, state["items"], lost)
+        variables = {name: value for (kind, name), value in items.items() if kind == "var"}
+        shell.push(variables)
+        namespace.update(variables)
+        _restore_history(shell, state, items)
+        shell.execution_count = summary["execution_count"] + 1
+        _restore_matplotlib(shell, state["matplotlib"], problems)
+        _announce(shell, _notice(lost, problems))
+    return {"lost": lost, "restored": sorted(namespace), "warnings": problems}
+
+
+def call_expression(function: str, directory: str) -> str:
+    """The user expression that runs ``save`` or ``load`` of this module in a kernel.
+
+    For the server: send it in ``user_expressions`` of a silent execute request
+    with empty code. The module's source runs in a namespace of its own, so no
+    name is added to the user's, and kernelhib need not be installed in the
+    kernel's environment. Read the reply with :func:`read_result`.
+    """
+    if function not in ("save", "load"):
+        raise ValueError(f"no function {function!r} to call in a kernel")
+    with open(__file__) as f:
+        source = f.read()
+    code = f"compile({source!r}, '<kernelhib dill_snapshot>', 'exec')"
+    call = f"(lambda ns: (exec({code}, ns), ns[{function!r}]({directory!r}))[1])"
+    return f"__import__('json').dumps({call}({{'__name__': 'kernelhib_dill_snapshot'}}))"
+
+
+def read_result(expression: dict[str, Any]) -> dict[str, Any]:
+    """The value returned in the kernel, from the reply's entry for :func:`call_expression`."""
+    if expression.get("status") != "ok":
+        raise RuntimeError(f"{expression.get('ename')}: {expression.get('evalue')}")
+    return json.loads(ast.literal_eval(expression["data"]["text/plain"]))

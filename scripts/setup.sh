@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Set up kernelhib on a Debian/Ubuntu machine, as root. Idempotent, and fast
+# (about a second) when everything is already in place.
+#
+#   bash scripts/setup.sh            # .venv with kernelhib and its test extras, plus CRIU
+#   bash scripts/setup.sh --no-test  # without the test extras
+#   bash scripts/setup.sh --lab      # also JupyterLab and numpy (for the demo notebook)
+#
+# Steps: apt-get install what is missing (python3, python3-venv, util-linux,
+# ca-certificates, debian-archive-keyring); create .venv in the repository with
+# the system python3 (override with PYTHON=/path/to/python3); pip install -e
+# the package; `kernelhib install-criu` (CRIU >= 4.2 into a private prefix).
+set -euo pipefail
+
+test_extras=1
+lab=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-test) test_extras=0 ;;
+        --lab) lab=1 ;;
+        -h | --help)
+            sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "setup.sh: unknown argument '$arg' (use --no-test, --lab)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$repo/.venv"
+say() { printf '==> %s\n' "$*"; }
+die() {
+    printf 'setup.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+if [[ "$(id -u)" != 0 ]]; then
+    die "run me as root: kernelhib's CRIU engine checkpoints and restores kernels as root"
+fi
+
+# 1. System packages, only those missing.
+python="${PYTHON:-}"
+if [[ -z "$python" ]]; then
+    if [[ -x /usr/bin/python3 ]]; then
+        python=/usr/bin/python3
+    else
+        python="$(command -v python3 || true)"
+    fi
+fi
+missing=()
+if [[ -z "$python" ]] || ! "$python" -c 'import sys' 2>/dev/null; then
+    missing+=(python3 python3-venv)
+    python=/usr/bin/python3
+elif ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+    missing+=(python3-venv)
+fi
+command -v unshare >/dev/null && command -v setpriv >/dev/null || missing+=(util-linux)
+[[ -s /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+# `kernelhib install-criu` verifies CRIU's packages from Debian's archive with it.
+[[ -e /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
+if ((${#missing[@]})); then
+    command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get: not Debian/Ubuntu"
+    say "Installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    say "System packages: all present"
+fi
+
+# 2. The virtual environment.
+if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+    say "Virtual environment: $venv ($("$venv/bin/python" -V 2>&1))"
+else
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' ||
+        die "$python is $("$python" -V 2>&1); kernelhib needs Python 3.10 or later (set PYTHON=...)"
+    say "Creating $venv with $python ($("$python" -V 2>&1))"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+fi
+
+# 3. kernelhib (editable) and extras; skipped when this pyproject.toml was already installed.
+spec="."
+((test_extras)) && spec=".[test]"
+extra=()
+((lab)) && extra=(jupyterlab numpy)
+stamps="$venv/.kernelhib-setup"
+hash="$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+wanted=(base)
+((test_extras)) && wanted+=(test)
+((lab)) && wanted+=(lab)
+needed=0
+for part in "${wanted[@]}"; do
+    [[ -e "$stamps/$hash.$part" ]] || needed=1
+done
+if ((needed)) || ! "$venv/bin/python" -c 'import kernelhib' 2>/dev/null; then
+    say "Installing kernelhib: pip install -e '$spec'${extra[*]:+ ${extra[*]}}"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+    (cd "$repo" && "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+        -e "$spec" "${extra[@]}")
+    mkdir -p "$stamps"
+    find "$stamps" -type f ! -name "$hash.*" -delete # stamps of an older pyproject.toml
+    for part in "${wanted[@]}"; do touch "$stamps/$hash.$part"; done
+else
+    say "kernelhib: already installed in $venv (${wanted[*]})"
+fi
+
+# 4. CRIU >= 4.2 (returns at once when the private install already works).
+say "CRIU: kernelhib install-criu"
+"$venv/bin/kernelhib" install-criu
+say "Setup done. Check it with: $venv/bin/kernelhib doctor"
