@@ -77,8 +77,16 @@ class KernelHibernatorApp(ExtensionApp):
         self.serverapp.kernel_manager.hibernator.event_logger = logger
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        if self.active:
-            await serverapp.kernel_manager.hibernator.start(adopt=self._claim is not None)
+        if not self.active:
+            return
+        mkm = serverapp.kernel_manager
+        await mkm.hibernator.start(adopt=self._claim is not None)
+        # Admins (and tests) learn from this line that adoption is over.
+        self.log.info(
+            "kernelhib started: %d hibernated kernels in %s",
+            sum(map(mkm.hibernator.is_hibernated, mkm.list_kernel_ids())),
+            mkm.hibernator.image_dir,
+        )
 
     async def stop_extension(self) -> None:
         """Runs on SIGTERM/SIGINT before the server shuts kernels down: hibernate them."""

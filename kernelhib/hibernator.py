@@ -10,25 +10,33 @@ with the reason in its model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import KernelManager
+from jupyter_client.provisioning import KernelProvisionerBase
 from jupyter_events import EventLogger
 from traitlets import Any as AnyTrait
 from traitlets import Bool, CaselessStrEnum, Float, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from .engines.base import Engine, EngineError
 from .engines.criu import CriuEngine
+from .engines.dill import DillEngine
 from .idle import IdleWatcher
-from .image_store import ImageError, ImageStore
+from .image_store import Image, ImageError, ImageStore
+from .kernel_process import tree_memory
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 
 EVENT_SCHEMA_ID = "https://events.jupyter.org/kernelhib/hibernation/v1"
 EVENT_SCHEMA = Path(__file__).parent / "events" / "hibernation.yaml"
+# Inside a CRIU image: the optional dill snapshot woken from if the restore fails.
+DILL_SNAPSHOT = "dill"
 
 
 class HibernationError(RuntimeError):
@@ -65,6 +73,8 @@ class Hibernation:
     hibernated_at: float = 0.0
     execution_state: str = "idle"  # before hibernation; a forced one may be "busy"
     error: str = ""
+    lost: list[dict[str, str]] = field(default_factory=list)  # what dill could not keep
+    fallback_reason: str = ""  # why not CRIU, when 'auto' used dill
     # Wakes so far. A connection that saw an older epoch must prove its IOPub
     # subscription is live again before it forwards messages.
     epoch: int = 0
@@ -80,6 +90,10 @@ class Hibernation:
                 seconds=round(self.seconds, 3),
                 hibernated_at=self.hibernated_at,
             )
+        if self.lost:
+            model["lost"] = self.lost
+        if self.fallback_reason:
+            model["fallback_reason"] = self.fallback_reason
         if self.error:
             model["error"] = self.error
         return model
@@ -161,6 +175,20 @@ class KernelHibernator(LoggingConfigurable):
         "hibernated by then are shut down as before.",
     )
 
+    keep_dill_snapshot = Bool(
+        False,
+        config=True,
+        help="With CRIU, also keep a dill snapshot in the image, and wake from it if the "
+        "CRIU restore fails (for example when the environment's libraries changed). "
+        "Off by default: it makes hibernation slower.",
+    )
+
+    snapshot_timeout = Float(
+        600,
+        config=True,
+        help="Seconds a kernel has to save or load its dill snapshot.",
+    )
+
     kernel_manager = AnyTrait(help="The MappingKernelManager whose kernels this hibernates.")
     event_logger = Instance(EventLogger, allow_none=True)
 
@@ -168,6 +196,7 @@ class KernelHibernator(LoggingConfigurable):
         super().__init__(**kwargs)
         self._records: dict[str, Hibernation] = {}
         self._criu = CriuEngine(self.criu_path)
+        self._dill = DillEngine()
         self._store: ImageStore | None = None
         self.idle = IdleWatcher(self)
         self._background: set[asyncio.Future[Any]] = set()
@@ -196,18 +225,35 @@ class KernelHibernator(LoggingConfigurable):
     def epoch(self, kernel_id: str) -> int:
         return self.record(kernel_id).epoch
 
-    def engine_for(self, name: str) -> CriuEngine:
-        """The engine to use for a request naming ``name``; NoEngine says why there is none."""
-        name = (name or self.engine).lower()
-        if name == "dill":
-            raise NoEngine("the dill engine is not available in this version of kernelhib")
-        if name not in ("auto", "criu"):
+    def choose_engine(
+        self, requested: str, provisioner: KernelProvisionerBase | None
+    ) -> tuple[Engine, str]:
+        """The engine for a request, and why not CRIU when 'auto' falls back to dill.
+
+        NoEngine says why when the named engine cannot run.
+        """
+        name = (requested or self.engine).lower()
+        if name not in ("auto", "criu", "dill"):
             raise NoEngine(f"unknown engine {name!r}: use 'auto', 'criu' or 'dill'")
+        if name == "dill":
+            return self._dill, ""
+        why_not = self._why_not_criu(provisioner)
+        if not why_not:
+            return self._criu, ""
+        if name == "criu":
+            raise NoEngine(why_not)
+        return self._dill, why_not
+
+    def _why_not_criu(self, provisioner: KernelProvisionerBase | None) -> str:
         availability = self._criu.availability()
         if not availability.ok:
             remedy = f" ({availability.remedy})" if availability.remedy else ""
-            raise NoEngine(f"CRIU cannot run here: {availability.detail}{remedy}")
-        return self._criu
+            return f"CRIU cannot run here: {availability.detail}{remedy}"
+        if not isinstance(provisioner, HibernatingProvisioner):
+            return "the kernel was not started by kernelhib-provisioner, so CRIU cannot restore it"
+        if provisioner.not_restorable:
+            return f"this kernel cannot be restored by CRIU: {provisioner.not_restorable}"
+        return ""
 
     def _kernel(self, kernel_id: str) -> KernelManager:
         if kernel_id not in self.kernel_manager:
@@ -217,78 +263,129 @@ class KernelHibernator(LoggingConfigurable):
     async def hibernate(
         self, kernel_id: str, engine: str = "", force: bool = False
     ) -> dict[str, Any]:
-        """Checkpoint the kernel to disk and end its process; return the hibernation model."""
+        """Write the kernel's image and end its process; return the hibernation model."""
         km = self._kernel(kernel_id)
         record = self.record(kernel_id)
         if record.state != "running":
             raise Conflict(f"kernel {kernel_id} is {record.state}")
-        if km.execution_state == "busy" and not force:
+        requested = (engine or self.engine).lower()
+        chosen, fallback = self.choose_engine(requested, km.provisioner)
+        busy = km.execution_state == "busy"
+        if busy and not force:
             raise Conflict(
                 f"kernel {kernel_id} is busy running a cell; hibernate it with force=true "
                 "to freeze the cell and let it carry on after wake"
             )
-        chosen = self.engine_for(engine)
-        provisioner = km.provisioner
-        if not isinstance(provisioner, HibernatingProvisioner):
-            raise NoEngine(
-                f"kernel {kernel_id} was not started by kernelhib-provisioner, "
-                "so CRIU cannot restore it"
+        if busy and chosen is self._dill:
+            raise Conflict(
+                f"kernel {kernel_id} is busy running a cell, and the dill engine can only "
+                f"save a kernel between cells ({fallback or 'dill was requested'})"
             )
-        if provisioner.not_restorable:
-            raise NoEngine(f"kernel {kernel_id} cannot be restored: {provisioner.not_restorable}")
 
         record.state, record.error = "hibernating", ""
         started = time.monotonic()
-        staging: Path | None = None
         try:
-            staging = await asyncio.to_thread(self.store.stage, kernel_id)
-            memory = await provisioner.checkpoint(chosen, staging)
             try:
-                meta = {
-                    "engine": chosen.name,
-                    "kernel_name": km.kernel_name,
-                    "freed_bytes": memory,
-                    "execution_state": km.execution_state,
-                    "cwd": str(provisioner.cwd),
-                    "connection": _json_connection_info(km),
-                }
-                image = await asyncio.to_thread(self.store.commit, staging, kernel_id, meta)
-            except BaseException:
-                provisioner.resume()
-                raise
+                image = await self._write_image(km, chosen, fallback)
+            except EngineError as exc:
+                # CRIU failed before the kernel was touched: same request, other engine.
+                if requested != "auto" or chosen is not self._criu or busy:
+                    raise
+                fallback = f"CRIU could not checkpoint this kernel: {exc}"
+                self.log.warning("Kernel %s: %s; using dill", kernel_id, fallback)
+                chosen = self._dill
+                image = await self._write_image(km, chosen, fallback)
             try:
-                km.stop_restarter()
-                await provisioner.end_checkpointed()
+                await self._end_process(km, chosen)
             except BaseException:
-                provisioner.resume()
+                self._resume(km)
                 km.start_restarter()
                 await asyncio.to_thread(self.store.discard, kernel_id)
                 raise
         except (Exception, asyncio.CancelledError) as exc:
-            if staging is not None:
-                await asyncio.to_thread(self.store.discard, staging)
             record.state = "running"
             record.error = f"hibernation failed, the kernel runs on: {exc}"
             self._emit("hibernate-failed", kernel_id, record)
             raise HibernationError(record.error) from exc
 
+        manifest = image.manifest
         record.state = "hibernated"
         record.engine = chosen.name
         record.image_bytes = image.bytes
-        record.freed_bytes = memory
+        record.freed_bytes = manifest["freed_bytes"]
+        record.lost = manifest.get("lost", [])
+        record.fallback_reason = fallback
         record.seconds = time.monotonic() - started
         record.hibernated_at = time.time()
         record.execution_state = km.execution_state
         km.execution_state = "hibernated"
         self.log.info(
             "Hibernated kernel %s with %s: %d MB image, %d MB freed, %.1f s",
-            kernel_id, chosen.name, image.bytes >> 20, memory >> 20, record.seconds,
+            kernel_id, chosen.name, image.bytes >> 20, record.freed_bytes >> 20, record.seconds,
         )  # fmt: skip
         self._emit("hibernate", kernel_id, record)
         return record.model()
 
+    async def _write_image(self, km: KernelManager, engine: Engine, fallback: str) -> Image:
+        """Save the kernel into a committed image. CRIU leaves the kernel stopped, dill running.
+
+        On failure the kernel runs on untouched and no image or staging is left.
+        """
+        provisioner = km.provisioner
+        staging = await asyncio.to_thread(self.store.stage, km.kernel_id)
+        meta: dict[str, Any] = {
+            "engine": engine.name,
+            "kernel_name": km.kernel_name,
+            "execution_state": km.execution_state,
+            "cwd": str(getattr(provisioner, "cwd", "") or ""),
+            "connection": _json_connection_info(km),
+            "fallback_reason": fallback,
+            "freed_bytes": tree_memory(provisioner.pid) if provisioner.pid else 0,
+        }
+        try:
+            if engine is self._criu:
+                if self.keep_dill_snapshot and km.execution_state != "busy":
+                    meta["lost"] = await self._save_dill(km, staging / DILL_SNAPSHOT)
+                meta["freed_bytes"] = await provisioner.checkpoint(self._criu, staging)
+            else:
+                meta["lost"] = await self._save_dill(km, staging)
+            try:
+                return await asyncio.to_thread(self.store.commit, staging, km.kernel_id, meta)
+            except BaseException:
+                self._resume(km)
+                raise
+        except BaseException:
+            await asyncio.to_thread(self.store.discard, staging)
+            raise
+
+    async def _save_dill(self, km: KernelManager, directory: Path) -> list[dict[str, str]]:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        async with _client(km) as client:
+            result = await self._dill.save(client, directory, self.snapshot_timeout)
+        return result["lost"]
+
+    def _resume(self, km: KernelManager) -> None:
+        if isinstance(km.provisioner, HibernatingProvisioner):
+            km.provisioner.resume()
+
+    async def _end_process(self, km: KernelManager, engine: Engine) -> None:
+        """End the kernel whose image is safely on disk, keeping its manager and ports."""
+        km.stop_restarter()
+        provisioner = km.provisioner
+        if engine is self._dill:
+            # A clean exit flushes what the kernel's open files still buffer.
+            async with _client(km) as client:
+                client.shutdown()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(provisioner.wait(), 5)
+        if await provisioner.poll() is None:
+            await provisioner.kill()
+            await provisioner.wait()
+        if isinstance(provisioner, HibernatingProvisioner):
+            provisioner.hibernated = True
+
     async def wake(self, kernel_id: str) -> None:
-        """Restore a hibernated kernel; concurrent callers share one wake. No-op if running."""
+        """Bring a hibernated kernel back; concurrent callers share one wake. No-op if running."""
         self._kernel(kernel_id)
         record = self.record(kernel_id)
         if record.state == "running":
@@ -302,17 +399,21 @@ class KernelHibernator(LoggingConfigurable):
     async def _wake(self, kernel_id: str, record: Hibernation) -> None:
         km = self._kernel(kernel_id)
         record.state, started = "waking", time.monotonic()
+        restarted = True
         try:
             image = await asyncio.to_thread(self.store.load, kernel_id)
-            engine = self.engine_for(image.manifest["engine"])
-            await km.provisioner.restore(engine, image.path)
-            try:
-                await self._until_responsive(km)
-            except BaseException:
-                await km.provisioner.kill()
-                await km.provisioner.wait()
-                km.provisioner.hibernated = True
-                raise
+            if image.manifest["engine"] == self._criu.name:
+                try:
+                    await self._restore_criu(km, image.path)
+                    restarted = False
+                except EngineError as exc:
+                    if not (image.path / DILL_SNAPSHOT).is_dir():
+                        raise
+                    record.fallback_reason = f"CRIU could not restore the kernel: {exc}"
+                    self.log.warning("Kernel %s: %s; waking from its dill snapshot", kernel_id, exc)
+                    record.lost = await self._restore_dill(km, image.path / DILL_SNAPSHOT)
+            else:
+                record.lost = await self._restore_dill(km, image.path)
         except (Exception, asyncio.CancelledError) as exc:
             record.state = "hibernated"
             record.error = f"wake failed, the image is kept: {exc}"
@@ -323,14 +424,40 @@ class KernelHibernator(LoggingConfigurable):
             record.waking = None
 
         record.state, record.error, record.epoch = "running", "", record.epoch + 1
-        km.execution_state, km.reason = record.execution_state, ""
+        km.execution_state = "idle" if restarted else record.execution_state
+        km.reason = ""
         km.start_restarter()
+        if restarted and km._restarter is not None:
+            # A new process: tell connected front ends, as an auto-restart does.
+            km._restarter._fire_callbacks("restart")
         record.seconds = time.monotonic() - started
         self.log.info("Woke kernel %s in %.1f s", kernel_id, record.seconds)
         self._emit("wake", kernel_id, record)
         # The image holds every secret the kernel had: gone now, but without
         # making the user wait for a multi-GiB delete.
         self._later(asyncio.to_thread(self.store.discard, self.store.retire(kernel_id)))
+
+    async def _restore_criu(self, km: KernelManager, image_dir: Path) -> None:
+        await km.provisioner.restore(self._criu, image_dir)
+        try:
+            await self._until_responsive(km)
+        except BaseException:
+            await self._end_process(km, self._criu)
+            raise
+
+    async def _restore_dill(self, km: KernelManager, snapshot: Path) -> list[dict[str, str]]:
+        """Start a fresh kernel on the same ports and key, and load the snapshot into it."""
+        if isinstance(km.provisioner, HibernatingProvisioner):
+            km.provisioner.hibernated = False
+        await km.start_kernel(**km._launch_args)
+        try:
+            await self._until_responsive(km)
+            async with _client(km) as client:
+                result = await self._dill.load(client, snapshot, self.snapshot_timeout)
+        except BaseException:
+            await self._end_process(km, self._criu)
+            raise
+        return result["lost"]
 
     def _later(self, work: Any) -> None:
         """Run ``work`` in the background, holding a reference until it is done."""
@@ -339,13 +466,9 @@ class KernelHibernator(LoggingConfigurable):
         task.add_done_callback(self._background.discard)
 
     async def _until_responsive(self, km: KernelManager) -> None:
-        """Wait until the restored kernel answers on its shell channel."""
-        client = km.client()
-        client.start_channels()
-        try:
+        """Wait until the kernel answers on its shell channel."""
+        async with _client(km) as client:
             await client.wait_for_ready(timeout=self.wake_timeout)
-        finally:
-            client.stop_channels()
 
     async def start(self, adopt: bool = True) -> None:
         """Take over the images a previous server left, and start the idle watcher."""
@@ -431,3 +554,14 @@ def _json_connection_info(km: KernelManager) -> dict[str, Any]:
     """The kernel's ports and key, to re-adopt it from a new server after this one stops."""
     info = km.get_connection_info()
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()}
+
+
+@contextlib.asynccontextmanager
+async def _client(km: KernelManager) -> AsyncIterator[Any]:
+    """A kernel client of the server's own, closed after use."""
+    client = km.client()
+    client.start_channels()
+    try:
+        yield client
+    finally:
+        client.stop_channels()

@@ -47,6 +47,11 @@ def _private_memory(pid: int) -> int:
     return total
 
 
+def tree_memory(pid: int) -> int:
+    """Private resident memory of ``pid`` and its descendants."""
+    return sum(_private_memory(p) for p in process_tree(pid))
+
+
 class KernelProcess:
     """The kernel's root process: poll, signal, wait, and measure its whole tree."""
 
@@ -96,7 +101,7 @@ class KernelProcess:
 
     def memory_bytes(self) -> int:
         """Private resident memory of the whole tree: what ending it gives back."""
-        return sum(_private_memory(pid) for pid in self.tree())
+        return tree_memory(self.pid) if self.poll() is None else 0
 
     def resume(self) -> None:
         """Continue every process of the tree after a checkpoint left it stopped."""

@@ -183,13 +183,6 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         if self.kernel:
             self.kernel.resume()
 
-    async def end_checkpointed(self) -> None:
-        """End the stopped kernel whose image is safely on disk."""
-        if self.kernel:
-            self.kernel.send_signal(signal.SIGKILL)
-        await self.wait()
-        self.hibernated = True
-
     async def restore(self, engine: CriuEngine, image_dir: Path) -> None:
         """Bring the kernel back from its image, as our child, in a new pid namespace."""
         pid = await engine.restore(image_dir)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from kernelhib.engines import dill_snapshot
+from kernelhib.engines import dill, dill_snapshot
 
 FILE_REASON = "open file handle: reopening it could overwrite the file"
 
@@ -172,14 +172,14 @@ class Kernel:
         content, _ = self.execute(
             "", silent=True, user_expressions={"v": f"__import__('json').dumps(({expression}))"}
         )
-        return dill_snapshot.read_result(content["user_expressions"]["v"])
+        return dill.read_result(content["user_expressions"]["v"])
 
     def call(self, function: str, directory: Path) -> dict[str, Any]:
         """Call ``save`` or ``load`` exactly as the server does: source in a user expression."""
-        expression = dill_snapshot.call_expression(function, str(directory))
+        expression = dill.call_expression(function, str(directory))
         content, outputs = self.execute("", silent=True, user_expressions={"r": expression})
         assert outputs == Outputs(), "save and load must print nothing"
-        return dill_snapshot.read_result(content["user_expressions"]["r"])
+        return dill.read_result(content["user_expressions"]["r"])
 
     def import_and_call(self, function: str, directory: Path) -> dict[str, Any]:
         """Call ``save`` or ``load`` through a normal import of the module."""

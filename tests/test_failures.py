@@ -11,12 +11,15 @@ import pytest
 from kernelhib import image_store
 from kernelhib.engines.base import EngineError
 from kernelhib.engines.criu import CriuEngine
+from kernelhib.hibernator import KernelHibernator
 from kernelhib.image_store import ImageStore
-from kernelhib.provisioner import HibernatingProvisioner
 
 from .conftest import wait_for_state
 
 pytestmark = pytest.mark.criu
+
+# These tests are about the CRIU protocol: with "auto", CRIU failures fall back to dill.
+CRIU = {"engine": "criu"}
 
 
 def fail(message: str):
@@ -30,7 +33,7 @@ async def fail_dump(self: Any, pid: int, image_dir: Path) -> None:
     raise EngineError("injected: criu dump failed")
 
 
-async def fail_end(self: Any) -> None:
+async def fail_end(self: Any, km: Any, engine: Any) -> None:
     raise OSError("injected: could not end the kernel")
 
 
@@ -51,7 +54,7 @@ FAULTS = {
     "freeze and dump": (CriuEngine, "dump", fail_dump),
     "verify and fsync image": (image_store, "_digest", None),
     "sign manifest": (ImageStore, "_sign", fail("injected: cannot sign")),
-    "end the process": (HibernatingProvisioner, "end_checkpointed", fail_end),
+    "end the process": (KernelHibernator, "_end_process", fail_end),
 }
 
 
@@ -70,7 +73,7 @@ async def test_failure_at_each_step_leaves_the_kernel_running(
     target, name, replacement = FAULTS[step]
     monkeypatch.setattr(target, name, replacement or fail_after_first_hash())
 
-    error = await api("POST", "kernels", kernel_id, "hibernate", expect=500)
+    error = await api("POST", "kernels", kernel_id, "hibernate", body=CRIU, expect=500)
 
     assert "hibernation failed, the kernel runs on" in error["message"]
     assert "injected" in error["message"]
@@ -99,7 +102,7 @@ async def test_kernel_criu_cannot_dump_runs_on_with_criu_reason(
     )
     assert (await channel.execute(code))["status"] == "ok"
 
-    error = await api("POST", "kernels", kernel_id, "hibernate", expect=500)
+    error = await api("POST", "kernels", kernel_id, "hibernate", body=CRIU, expect=500)
 
     assert "criu dump failed" in error["message"]
     assert (await channel.execute("value"))["result"] == "'alive'"
@@ -150,7 +153,6 @@ async def test_hibernating_twice_is_409(start_kernel: Any, api: Any) -> None:
 @pytest.mark.parametrize(
     ("body", "expect", "text"),
     [
-        ({"engine": "dill"}, 503, "dill engine is not available"),
         ({"engine": "zfs"}, 503, "unknown engine 'zfs'"),
         ({"force": "yes"}, 400, "'force' must be true or false"),
         ([1, 2], 400, "must be a JSON object"),
@@ -166,9 +168,9 @@ async def test_bad_requests_get_clear_errors(
 
 
 @pytest.mark.parametrize("hibernator_config", [{"criu_path": "/nonexistent/criu"}])
-async def test_no_working_criu_is_503_with_the_reason(start_kernel: Any, api: Any) -> None:
+async def test_no_working_criu_is_503_when_criu_is_asked_for(start_kernel: Any, api: Any) -> None:
     kernel_id, channel = await start_kernel()
-    error = await api("POST", "kernels", kernel_id, "hibernate", expect=503)
+    error = await api("POST", "kernels", kernel_id, "hibernate", body=CRIU, expect=503)
     assert "CRIU cannot run here" in error["message"]
     assert "/nonexistent/criu" in error["message"]
     assert (await channel.execute("1 + 1"))["result"] == "2"

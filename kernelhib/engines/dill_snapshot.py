@@ -573,27 +573,3 @@ def load(directory: str) -> dict[str, Any]:
         _restore_matplotlib(shell, state["matplotlib"], problems)
         _announce(shell, _notice(lost, problems))
     return {"lost": lost, "restored": sorted(namespace), "warnings": problems}
-
-
-def call_expression(function: str, directory: str) -> str:
-    """The user expression that runs ``save`` or ``load`` of this module in a kernel.
-
-    For the server: send it in ``user_expressions`` of a silent execute request
-    with empty code. The module's source runs in a namespace of its own, so no
-    name is added to the user's, and kernelhib need not be installed in the
-    kernel's environment. Read the reply with :func:`read_result`.
-    """
-    if function not in ("save", "load"):
-        raise ValueError(f"no function {function!r} to call in a kernel")
-    with open(__file__) as f:
-        source = f.read()
-    code = f"compile({source!r}, '<kernelhib dill_snapshot>', 'exec')"
-    call = f"(lambda ns: (exec({code}, ns), ns[{function!r}]({directory!r}))[1])"
-    return f"__import__('json').dumps({call}({{'__name__': 'kernelhib_dill_snapshot'}}))"
-
-
-def read_result(expression: dict[str, Any]) -> dict[str, Any]:
-    """The value returned in the kernel, from the reply's entry for :func:`call_expression`."""
-    if expression.get("status") != "ok":
-        raise RuntimeError(f"{expression.get('ename')}: {expression.get('evalue')}")
-    return json.loads(ast.literal_eval(expression["data"]["text/plain"]))
