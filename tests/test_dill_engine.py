@@ -1,0 +1,180 @@
+"""The dill engine through the server: any kernel hibernates, and the user learns what was lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import summarize, wait_for_state
+
+DILL = {"engine": "dill"}
+
+STATE = """
+import os, socket, sqlite3, threading
+import numpy as np, pandas as pd
+os.environ['KERNELHIB_TEST'] = 'kept'
+os.chdir(os.path.expanduser('~'))
+shared = [1, 2]
+alias = shared
+def make_adder(n):
+    def add(x):
+        return x + n
+    return add
+add3 = make_adder(3)
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+point = Point(3, 4)
+array = np.arange(10) ** 2
+frame = pd.DataFrame({'a': [1, 2, 3]})
+gen = (i for i in range(3))
+sock = socket.socket()
+lock = threading.Lock()
+db = sqlite3.connect(':memory:')
+"""
+
+CHECK = (
+    "(add3(4), point.x + point.y, alias is shared, int(array.sum()), int(frame.a.sum()), "
+    "os.environ['KERNELHIB_TEST'], os.getcwd() == os.path.expanduser('~'), _, In[3])"
+)
+
+
+def lost_names(hibernation: dict[str, Any]) -> list[str]:
+    return sorted(entry["name"] for entry in hibernation["lost"])
+
+
+async def test_dill_hibernation_keeps_the_namespace_and_reports_what_it_lost(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    assert (await channel.execute(STATE))["status"] == "ok"
+    assert (await channel.execute("'second cell'"))["result"] == "'second cell'"
+    pid = jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner.kernel.pid
+
+    model = await api("POST", "kernels", kernel_id, "hibernate", body=DILL)
+
+    hibernation = model["hibernation"]
+    assert hibernation["engine"] == "dill"
+    assert lost_names(hibernation) == ["db", "gen", "lock", "sock"]
+    assert all(entry["type"] and entry["reason"] for entry in hibernation["lost"])
+    assert hibernation["freed_bytes"] > 0
+    assert not Path(f"/proc/{pid}").exists()
+
+    msg_id = channel.send("execute_request", {"code": CHECK})
+    reply, output = await channel.reply_and_output(msg_id)
+    first = summarize(reply, output)
+    assert first["status"] == "ok", first
+    assert first["result"] == "(7, 7, True, 285, 6, 'kept', True, 'second cell', \"'second cell'\")"
+    notice = "".join(m["content"]["text"] for m in output if m["msg_type"] == "stream")
+    assert "restored from a dill snapshot" in notice
+    for name in ("db", "gen", "lock", "sock"):
+        assert name in notice
+    statuses = [
+        m["content"]["execution_state"] for m in channel.received if m["msg_type"] == "status"
+    ]
+    assert "restarting" in statuses, "connected front ends must learn the process is new"
+
+    second = await channel.execute("1 + 1")
+    assert second["result"] == "2" and "dill snapshot" not in second["stdout"]
+    assert second["execution_count"] == first["execution_count"] + 1
+
+
+async def test_an_altered_snapshot_is_never_loaded(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = 42")
+    await api("POST", "kernels", kernel_id, "hibernate", body=DILL)
+    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    pickle_file = image / "namespace.pkl"
+    original = pickle_file.read_bytes()
+    pickle_file.write_bytes(original + b".")
+
+    error = await api("POST", "kernels", kernel_id, "wake", expect=500)
+
+    assert "does not match its signed hash" in error["message"]
+    assert (await api("GET", "kernels", kernel_id))["execution_state"] == "hibernated"
+    pickle_file.write_bytes(original)
+    await api("POST", "kernels", kernel_id, "wake")
+    assert (await channel.execute("value"))["result"] == "42"
+
+
+@pytest.mark.parametrize("hibernator_config", [{"criu_path": "/nonexistent/criu"}])
+async def test_auto_uses_dill_where_criu_cannot_run_and_says_why(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = 'kept'")
+
+    model = await api("POST", "kernels", kernel_id, "hibernate")
+
+    assert model["hibernation"]["engine"] == "dill"
+    assert "/nonexistent/criu" in model["hibernation"]["fallback_reason"]
+    assert (await channel.execute("value"))["result"] == "'kept'"
+
+
+@pytest.mark.criu
+async def test_auto_falls_back_to_dill_in_the_same_request_when_criu_refuses(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    code = (
+        "import ctypes, subprocess, time\n"
+        "traced = subprocess.Popen(['sleep', '600'])\n"
+        "assert ctypes.CDLL(None).ptrace(16, traced.pid, 0, 0) == 0\n"
+        "time.sleep(0.2); value = 'kept'"
+    )
+    assert (await channel.execute(code))["status"] == "ok"
+
+    model = await api("POST", "kernels", kernel_id, "hibernate")
+
+    hibernation = model["hibernation"]
+    assert hibernation["engine"] == "dill"
+    assert "CRIU could not checkpoint this kernel" in hibernation["fallback_reason"]
+    assert "traced" in lost_names(hibernation)
+    assert (await channel.execute("value"))["result"] == "'kept'"
+
+
+@pytest.mark.criu
+@pytest.mark.parametrize("hibernator_config", [{"keep_dill_snapshot": True}])
+async def test_a_failed_criu_restore_wakes_from_the_kept_dill_snapshot(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = 'kept'")
+    model = await api("POST", "kernels", kernel_id, "hibernate")
+    assert model["hibernation"]["engine"] == "criu"
+    # A file the kernel holds open changed size: CRIU refuses to restore.
+    provisioner = jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner
+    history = provisioner.files_dir / "history.sqlite"
+    history.write_bytes(history.read_bytes() + bytes(4096))
+
+    events: list[dict[str, Any]] = []
+    jp_serverapp.event_logger.add_listener(
+        schema_id="https://events.jupyter.org/kernelhib/hibernation/v1",
+        listener=lambda logger, schema_id, data: _append(events, data),
+    )
+    await api("POST", "kernels", kernel_id, "wake")
+
+    assert (await channel.execute("value"))["result"] == "'kept'"
+    wake = [e for e in events if e["action"] == "wake"]
+    assert wake and "CRIU could not restore" in wake[0]["fallback_reason"]
+
+
+async def _append(events: list[dict[str, Any]], data: Any) -> None:
+    events.append(dict(data))
+
+
+async def test_a_busy_kernel_is_refused_by_dill_even_with_force(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    msg_id = channel.send("execute_request", {"code": "import time; time.sleep(3)"})
+    await wait_for_state(api, kernel_id, "busy")
+    error = await api(
+        "POST", "kernels", kernel_id, "hibernate", body={**DILL, "force": True}, expect=409
+    )
+    assert "between cells" in error["message"]
+    await channel.next_reply(msg_id)
