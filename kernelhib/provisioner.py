@@ -195,6 +195,8 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.connection_info = connection_info
         self.cwd = cwd
         self.hibernated = True
+        # Its ports are its own: a fresh process (a dill wake) must bind the same ones.
+        self.ports_cached = True
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
