@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import summarize, wait_for_state
+from .conftest import TRACE_A_CHILD, summarize, wait_for_state
 
 DILL = {"engine": "dill"}
 
@@ -120,13 +120,7 @@ async def test_auto_falls_back_to_dill_in_the_same_request_when_criu_refuses(
     start_kernel: Any, api: Any
 ) -> None:
     kernel_id, channel = await start_kernel()
-    code = (
-        "import ctypes, subprocess, time\n"
-        "traced = subprocess.Popen(['sleep', '600'])\n"
-        "assert ctypes.CDLL(None).ptrace(16, traced.pid, 0, 0) == 0\n"
-        "time.sleep(0.2); value = 'kept'"
-    )
-    assert (await channel.execute(code))["status"] == "ok"
+    assert (await channel.execute(TRACE_A_CHILD + "value = 'kept'"))["status"] == "ok"
 
     model = await api("POST", "kernels", kernel_id, "hibernate")
 

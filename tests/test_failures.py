@@ -14,7 +14,7 @@ from kernelhib.engines.criu import CriuEngine
 from kernelhib.hibernator import KernelHibernator
 from kernelhib.image_store import ImageStore
 
-from .conftest import wait_for_state
+from .conftest import TRACE_A_CHILD, wait_for_state
 
 pytestmark = pytest.mark.criu
 
@@ -94,13 +94,7 @@ async def test_kernel_criu_cannot_dump_runs_on_with_criu_reason(
 ) -> None:
     """A real CRIU refusal: the kernel is debugging (ptrace-attached to) its child."""
     kernel_id, channel = await start_kernel()
-    code = (
-        "import ctypes, subprocess, time\n"
-        "traced = subprocess.Popen(['sleep', '600'])\n"
-        "assert ctypes.CDLL(None).ptrace(16, traced.pid, 0, 0) == 0\n"
-        "time.sleep(0.2); value = 'alive'"
-    )
-    assert (await channel.execute(code))["status"] == "ok"
+    assert (await channel.execute(TRACE_A_CHILD + "value = 'alive'"))["status"] == "ok"
 
     error = await api("POST", "kernels", kernel_id, "hibernate", body=CRIU, expect=500)
 
