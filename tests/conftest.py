@@ -9,17 +9,34 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.websocket import websocket_connect
 
 from kernelhib.engines.criu import CriuEngine
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 REQUIRE_CRIU = os.environ.get("KERNELHIB_REQUIRE_CRIU") == "1"
+
+# Kernel code that makes CRIU refuse a dump for real: the kernel ptrace-attaches
+# to (debugs) its child, and CRIU cannot seize a task that is already traced.
+TRACE_A_CHILD = (
+    "import ctypes, subprocess, time\n"
+    "traced = subprocess.Popen(['sleep', '600'])\n"
+    "assert ctypes.CDLL(None).ptrace(16, traced.pid, 0, 0) == 0\n"
+    "time.sleep(0.2)\n"
+)
 
 
 @pytest.fixture(scope="session")
@@ -179,3 +196,130 @@ async def wait_for_state(api: Any, kernel_id: str, state: str, timeout: float = 
     while (await api("GET", "kernels", kernel_id))["execution_state"] != state:
         assert loop.time() < deadline, f"kernel {kernel_id} never became {state}"
         await asyncio.sleep(0.05)
+
+
+class ServerProcess:
+    """A real ``jupyter server`` in its own process on loopback, as an admin runs it.
+
+    Stopping it with a signal runs the server's own shutdown, which an
+    in-process test server never does the same way.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, cwd: Path) -> None:
+        self.port = free_port()
+        self.token = os.urandom(8).hex()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = log
+        self.image_dir = Path(env["JUPYTER_DATA_DIR"]) / "kernelhib" / "images"
+        self.channels: list[KernelChannel] = []
+        command = [
+            sys.executable, "-m", "jupyter_server", "--ip=127.0.0.1", f"--port={self.port}",
+            "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
+            "--ServerApp.open_browser=False", "--allow-root", f"--ServerApp.root_dir={cwd}",
+            *args,
+        ]  # fmt: skip
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def wait_until_up(self, timeout: float = 120) -> None:
+        """Return once kernelhib has started in the server: hibernated kernels are adopted."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while "kernelhib started" not in self.log_text():
+            assert self.process.poll() is None, f"the server exited:\n{self.log_text()}"
+            assert loop.time() < deadline, f"kernelhib not started after {timeout} s"
+            await asyncio.sleep(0.2)
+
+    def sync_api(self, method: str, path: str) -> Any:
+        """A blocking REST call, for setup and teardown outside the event loop."""
+        request = urllib.request.Request(
+            self.url + path, method=method, headers={"Authorization": f"token {self.token}"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            text = response.read().decode()
+        return json.loads(text) if text else None
+
+    async def api(self, method: str, *parts: str, body: Any = None, expect: int = 200) -> Any:
+        """A JSON REST call, like the ``api`` fixture's."""
+        request = HTTPRequest(
+            self.url + "api/" + "/".join(parts),
+            method=method,
+            headers={"Authorization": f"token {self.token}"},
+            body=json.dumps(body) if body is not None else ("" if method == "POST" else None),
+            request_timeout=300,
+        )
+        response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        text = response.body.decode() if response.body else ""
+        assert response.code == expect, f"{method} {parts}: {response.code} {text}"
+        return json.loads(text) if text else None
+
+    async def open_channel(self, kernel_id: str) -> KernelChannel:
+        ws = await websocket_connect(
+            HTTPRequest(
+                f"ws://127.0.0.1:{self.port}/api/kernels/{kernel_id}/channels",
+                headers={"Authorization": f"token {self.token}"},
+            )
+        )
+        channel = KernelChannel(ws)
+        self.channels.append(channel)
+        return channel
+
+    async def stop(self, timeout: float = 300) -> int:
+        """SIGTERM, as systemd or JupyterHub stop a server; return its exit status."""
+        for channel in self.channels:
+            channel.ws.close()
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.process.wait, timeout)
+
+    def discard(self) -> None:
+        """Shut its kernels down, hibernated or not, then stop it: nothing is left behind."""
+        if self.process.poll() is not None:
+            return
+        try:
+            for kernel in self.sync_api("GET", "api/kernels"):
+                self.sync_api("DELETE", f"api/kernels/{kernel['id']}")
+        finally:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(300)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def launch_server(criu_path: str, tmp_path: Path):
+    """Start ``jupyter server`` processes sharing one Jupyter home: ``await launch_server(*args)``.
+
+    Each one is up when returned. Servers still running at the end are
+    discarded with their kernels.
+    """
+    home = tmp_path / "jupyter"
+    env = {
+        **os.environ,
+        "HOME": str(home / "home"),
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_DATA_DIR": str(home / "data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+    }
+    root = home / "notebooks"
+    root.mkdir(parents=True)
+    servers: list[ServerProcess] = []
+
+    async def _launch(*args: str) -> ServerProcess:
+        log = tmp_path / f"server-{len(servers) + 1}.log"
+        server = ServerProcess([f"--KernelHibernator.criu_path={criu_path}", *args], env, log, root)
+        servers.append(server)
+        await server.wait_until_up()
+        return server
+
+    yield _launch
+    for server in servers:
+        server.discard()
