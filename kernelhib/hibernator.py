@@ -283,6 +283,7 @@ class KernelHibernator(LoggingConfigurable):
             )
 
         record.state, record.error = "hibernating", ""
+        self._emit("hibernate-started", kernel_id, record)
         started = time.monotonic()
         try:
             try:
@@ -399,6 +400,7 @@ class KernelHibernator(LoggingConfigurable):
     async def _wake(self, kernel_id: str, record: Hibernation) -> None:
         km = self._kernel(kernel_id)
         record.state, started = "waking", time.monotonic()
+        self._emit("wake-started", kernel_id, record)
         restarted = True
         try:
             image = await asyncio.to_thread(self.store.load, kernel_id)

@@ -33,6 +33,10 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
         hibernation = self.hibernator.model(kernel_id)
         if hibernation is not None:
             model["hibernation"] = hibernation
+        provisioner = self.get_kernel(kernel_id).provisioner
+        if isinstance(provisioner, HibernatingProvisioner) and provisioner.kernel:
+            # What hibernating it would free: front ends show it beside each kernel.
+            model["memory_bytes"] = provisioner.kernel.memory_bytes()
         return model
 
     async def cull_kernel_if_idle(self, kernel_id: str) -> None:

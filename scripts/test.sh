@@ -24,3 +24,7 @@ say "ruff format --check ${paths[*]}"
 # A missing or broken CRIU fails the CRIU tests instead of skipping them.
 say "KERNELHIB_REQUIRE_CRIU=1 pytest $*"
 KERNELHIB_REQUIRE_CRIU=1 .venv/bin/pytest "$@"
+
+# The JupyterLab extension: jest, then the browser test in Debian's Chromium.
+say "JupyterLab extension: bash scripts/test-ui.sh"
+bash scripts/test-ui.sh

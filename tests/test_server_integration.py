@@ -71,7 +71,7 @@ async def test_restarting_a_hibernated_kernel_starts_fresh(
     assert result["result"] == "False"
 
 
-async def test_hibernate_and_wake_are_emitted_on_the_event_bus(
+async def test_hibernation_and_wake_are_emitted_on_the_event_bus(
     start_kernel: Any, api: Any, jp_ws_fetch: Any
 ) -> None:
     kernel_id, _ = await start_kernel()
@@ -79,18 +79,22 @@ async def test_hibernate_and_wake_are_emitted_on_the_event_bus(
     try:
         await api("POST", "kernels", kernel_id, "hibernate")
         await api("POST", "kernels", kernel_id, "wake")
+        model = await api("GET", "kernels", kernel_id)
+        assert model["memory_bytes"] > 10 * 2**20, "a running kernel's memory is shown"
         seen = []
-        while len(seen) < 2:
+        while len(seen) < 4:
             event = json.loads(await asyncio.wait_for(events.read_message(), 10))
             if event.get("schema_id", "").endswith("kernelhib/hibernation/v1"):
                 seen.append(event)
     finally:
         events.close()
     assert [(e["action"], e["state"], e["kernel_id"]) for e in seen] == [
+        ("hibernate-started", "hibernating", kernel_id),
         ("hibernate", "hibernated", kernel_id),
+        ("wake-started", "waking", kernel_id),
         ("wake", "running", kernel_id),
     ]
-    assert seen[0]["image_bytes"] > 0 and seen[0]["engine"] == "criu"
+    assert seen[1]["image_bytes"] > 0 and seen[1]["engine"] == "criu"
 
 
 async def test_command_line_driver_works_without_pycriu(

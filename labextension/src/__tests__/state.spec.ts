@@ -1,0 +1,513 @@
+import type { IHibernationEvent, IKernelModel } from '../state';
+import {
+  applyEvent,
+  beginTransition,
+  buttonLook,
+  eventNotice,
+  formatBytes,
+  formatSeconds,
+  formatTime,
+  HIBERNATION_SCHEMA,
+  isIdle,
+  kernelLabel,
+  mergeListing,
+  parseHibernationEvent,
+  refusalNotice,
+  stateLabel,
+  statusText,
+  totalFreed,
+  viewFromModel
+} from '../state';
+
+const ID = 'ed7926aa-1bf2-41c1-812a-935b538f1bf7';
+const MiB = 1024 * 1024;
+
+/** The REST model of a hibernated kernel, as docs/rest-api.md shows it. */
+const hibernatedModel: IKernelModel = {
+  id: ID,
+  name: 'python3',
+  last_activity: '2026-11-27T00:21:18.049321Z',
+  execution_state: 'hibernated',
+  connections: 1,
+  hibernation: {
+    state: 'hibernated',
+    engine: 'criu',
+    image_bytes: 298 * MiB,
+    freed_bytes: 321 * MiB,
+    seconds: 0.592,
+    hibernated_at: 1795738881.41
+  }
+};
+
+const runningModel: IKernelModel = {
+  id: ID,
+  name: 'python3',
+  last_activity: '2026-11-27T00:20:00.000000Z',
+  execution_state: 'idle',
+  connections: 1
+};
+
+function event(fields: Partial<IHibernationEvent>): IHibernationEvent {
+  return {
+    action: 'hibernate',
+    kernel_id: ID,
+    state: 'hibernated',
+    ...fields
+  };
+}
+
+describe('viewFromModel', () => {
+  it('reads a running kernel without a hibernation object', () => {
+    const view = viewFromModel(runningModel);
+    expect(view.state).toBe('running');
+    expect(view.executionState).toBe('idle');
+    expect(view.freedBytes).toBe(0);
+    expect(view.error).toBe('');
+  });
+
+  it('reads a hibernated kernel', () => {
+    const view = viewFromModel(hibernatedModel);
+    expect(view).toMatchObject({
+      state: 'hibernated',
+      engine: 'criu',
+      imageBytes: 298 * MiB,
+      freedBytes: 321 * MiB,
+      seconds: 0.592,
+      executionState: 'hibernated',
+      connections: 1
+    });
+  });
+
+  it('reads a running kernel whose hibernation failed', () => {
+    const view = viewFromModel({
+      ...runningModel,
+      hibernation: { state: 'running', error: 'hibernation failed: boom' }
+    });
+    expect(view.state).toBe('running');
+    expect(view.error).toBe('hibernation failed: boom');
+  });
+});
+
+describe('parseHibernationEvent', () => {
+  it('accepts kernelhib events', () => {
+    const emission = {
+      schema_id: HIBERNATION_SCHEMA,
+      action: 'wake',
+      kernel_id: ID,
+      state: 'running',
+      seconds: 0.4
+    };
+    expect(parseHibernationEvent(emission)).toBe(emission);
+  });
+
+  it('ignores other schemas and malformed events', () => {
+    const base = {
+      schema_id: HIBERNATION_SCHEMA,
+      action: 'wake',
+      kernel_id: ID,
+      state: 'running'
+    };
+    expect(
+      parseHibernationEvent({
+        ...base,
+        schema_id: 'https://events.jupyter.org/jupyter_server/kernel_actions/v1'
+      })
+    ).toBeNull();
+    expect(parseHibernationEvent({ ...base, action: 42 })).toBeNull();
+    expect(parseHibernationEvent({ ...base, state: 'asleep' })).toBeNull();
+    expect(parseHibernationEvent({ ...base, kernel_id: 42 })).toBeNull();
+  });
+});
+
+describe('applyEvent', () => {
+  const running = viewFromModel(runningModel);
+
+  it('hibernate: the kernel is hibernated, with its sizes', () => {
+    const view = applyEvent(
+      running,
+      event({
+        engine: 'criu',
+        image_bytes: 10 * MiB,
+        freed_bytes: 12 * MiB,
+        seconds: 0.5,
+        hibernated_at: 100
+      })
+    );
+    expect(view).toMatchObject({
+      state: 'hibernated',
+      executionState: 'hibernated',
+      engine: 'criu',
+      imageBytes: 10 * MiB,
+      freedBytes: 12 * MiB,
+      hibernatedAt: 100,
+      error: ''
+    });
+    expect(view.name).toBe('python3');
+    expect(view.lastActivity).toBe(runningModel.last_activity);
+  });
+
+  it('hibernate-failed: the kernel runs on, with the reason', () => {
+    const view = applyEvent(
+      beginTransition(running, 'hibernating'),
+      event({
+        action: 'hibernate-failed',
+        state: 'running',
+        error: 'hibernation failed, the kernel runs on: no space left'
+      })
+    );
+    expect(view.state).toBe('running');
+    expect(view.executionState).toBe('idle');
+    expect(view.error).toContain('no space left');
+  });
+
+  it('wake: running again, idle', () => {
+    const view = applyEvent(
+      viewFromModel(hibernatedModel),
+      event({ action: 'wake', state: 'running', seconds: 0.3 })
+    );
+    expect(view.state).toBe('running');
+    expect(view.executionState).toBe('idle');
+    expect(view.seconds).toBe(0.3);
+    expect(view.error).toBe('');
+  });
+
+  it('wake-failed: still hibernated, image kept, with the reason', () => {
+    const view = applyEvent(
+      beginTransition(viewFromModel(hibernatedModel), 'waking'),
+      event({
+        action: 'wake-failed',
+        state: 'hibernated',
+        error: 'wake failed, the image is kept: timeout'
+      })
+    );
+    expect(view.state).toBe('hibernated');
+    expect(view.freedBytes).toBe(321 * MiB);
+    expect(view.error).toContain('timeout');
+  });
+
+  it('an action added later changes the state, without a notification', () => {
+    const started = event({
+      action: 'hibernate-started',
+      state: 'hibernating'
+    });
+    expect(
+      parseHibernationEvent({ schema_id: HIBERNATION_SCHEMA, ...started })
+    ).not.toBeNull();
+    expect(applyEvent(running, started).state).toBe('hibernating');
+    expect(eventNotice(started, 'the kernel of demo.ipynb')).toBeNull();
+  });
+
+  it('an event about a kernel not seen yet makes its view', () => {
+    const view = applyEvent(undefined, event({ freed_bytes: 5 }));
+    expect(view.id).toBe(ID);
+    expect(view.state).toBe('hibernated');
+    expect(view.freedBytes).toBe(5);
+  });
+});
+
+describe('mergeListing', () => {
+  it('keeps known hibernation state, updates activity, adds and drops kernels', () => {
+    const known = new Map([[ID, viewFromModel(hibernatedModel)]]);
+    const other: IKernelModel = {
+      id: 'other',
+      name: 'python3',
+      execution_state: 'busy'
+    };
+    const merged = mergeListing(known, [
+      {
+        ...runningModel,
+        last_activity: '2026-11-27T01:00:00Z',
+        connections: 2
+      },
+      other
+    ]);
+    expect(merged.get(ID)).toMatchObject({
+      state: 'hibernated',
+      freedBytes: 321 * MiB,
+      lastActivity: '2026-11-27T01:00:00Z',
+      connections: 2
+    });
+    expect(merged.get('other')?.state).toBe('running');
+    expect(mergeListing(merged, [other]).has(ID)).toBe(false);
+  });
+});
+
+describe('derived values', () => {
+  it('isIdle: running and idle only', () => {
+    expect(isIdle(viewFromModel(runningModel))).toBe(true);
+    expect(
+      isIdle(viewFromModel({ ...runningModel, execution_state: 'busy' }))
+    ).toBe(false);
+    expect(isIdle(viewFromModel(hibernatedModel))).toBe(false);
+  });
+
+  it('totalFreed: the memory of hibernated kernels only', () => {
+    const hibernated = viewFromModel(hibernatedModel);
+    const woken = { ...hibernated, id: 'b', state: 'running' as const };
+    expect(totalFreed([hibernated, { ...hibernated, id: 'c' }, woken])).toBe(
+      642 * MiB
+    );
+    expect(totalFreed([])).toBe(0);
+  });
+});
+
+describe('formatting', () => {
+  it('formats bytes as the CLI does', () => {
+    expect(formatBytes(0)).toBe('0 B');
+    expect(formatBytes(512)).toBe('512 B');
+    expect(formatBytes(1536)).toBe('1.5 KiB');
+    expect(formatBytes(321.1 * MiB)).toBe('321.1 MiB');
+    expect(formatBytes(3 * 1024 * MiB)).toBe('3.0 GiB');
+    expect(formatBytes(2048 * 1024 * MiB)).toBe('2.0 TiB');
+  });
+
+  it('formats durations', () => {
+    expect(formatSeconds(0.592)).toBe('0.6 s');
+    expect(formatSeconds(75)).toBe('1 min 15 s');
+  });
+
+  it('formats times of today and of other days', () => {
+    const now = new Date('2026-11-27T12:00:00');
+    expect(formatTime('', now)).toBe('—');
+    expect(formatTime('garbage', now)).toBe('garbage');
+    const today = new Date('2026-11-27T09:30:00');
+    expect(formatTime(today.toISOString(), now)).toBe(
+      today.toLocaleTimeString()
+    );
+    const before = new Date('2026-11-20T09:30:00');
+    expect(formatTime(before.toISOString(), now)).toBe(before.toLocaleString());
+  });
+
+  it('names kernels after their notebooks', () => {
+    expect(kernelLabel(ID, 'python3', ['work/demo.ipynb'])).toBe(
+      'the kernel of demo.ipynb'
+    );
+    expect(kernelLabel(ID, 'python3', ['a.ipynb', 'b/c.ipynb'])).toBe(
+      'the kernel of a.ipynb, c.ipynb'
+    );
+    expect(kernelLabel(ID, 'python3', [])).toBe('kernel python3 ed7926aa');
+    expect(kernelLabel(ID, '', [])).toBe('kernel ed7926aa');
+  });
+
+  it('labels states for the panel', () => {
+    expect(stateLabel(viewFromModel(runningModel))).toBe('Running (idle)');
+    expect(stateLabel(viewFromModel(hibernatedModel))).toBe('Hibernated');
+    const failed = { ...viewFromModel(hibernatedModel), error: 'wake failed' };
+    expect(stateLabel(failed)).toBe('Hibernated ⚠');
+    expect(stateLabel(beginTransition(failed, 'waking'))).toBe('Waking…');
+  });
+});
+
+describe('buttonLook', () => {
+  const running = viewFromModel(runningModel);
+  const hibernated = viewFromModel(hibernatedModel);
+
+  it('offers to hibernate a running kernel, without a label', () => {
+    const look = buttonLook(running);
+    expect(look).toMatchObject({
+      icon: 'hibernate',
+      label: '',
+      action: 'hibernate'
+    });
+    expect(look.tooltip).toMatch(/^Hibernate kernel/);
+  });
+
+  it('shows a failed hibernation in the tooltip', () => {
+    const look = buttonLook({
+      ...running,
+      error: 'hibernation failed: disk full'
+    });
+    expect(look.action).toBe('hibernate');
+    expect(look.tooltip).toContain(
+      'The last attempt failed: hibernation failed: disk full'
+    );
+  });
+
+  it('shows hibernated with memory freed and image size, and offers to wake', () => {
+    const look = buttonLook(hibernated);
+    expect(look).toMatchObject({
+      icon: 'hibernated',
+      label: 'Hibernated',
+      action: 'wake'
+    });
+    expect(look.tooltip).toContain('321.0 MiB memory freed');
+    expect(look.tooltip).toContain('image 298.0 MiB');
+    expect(look.tooltip).toContain('(criu)');
+  });
+
+  it('shows a failed wake and offers to retry', () => {
+    const look = buttonLook({
+      ...hibernated,
+      error: 'wake failed, the image is kept: x'
+    });
+    expect(look.action).toBe('wake');
+    expect(look.tooltip).toContain('The last wake failed');
+  });
+
+  it('disables itself during transitions and without a kernel', () => {
+    expect(buttonLook(beginTransition(running, 'hibernating'))).toMatchObject({
+      icon: 'hibernating',
+      label: 'Hibernating…',
+      action: null
+    });
+    expect(buttonLook(beginTransition(hibernated, 'waking'))).toMatchObject({
+      icon: 'waking',
+      label: 'Waking…',
+      action: null
+    });
+    expect(buttonLook(undefined).action).toBeNull();
+  });
+});
+
+describe('statusText', () => {
+  it('reads Hibernated while hibernated, nothing while running', () => {
+    expect(statusText(viewFromModel(hibernatedModel))).toBe(
+      'Hibernated | 321.0 MiB freed'
+    );
+    expect(statusText(viewFromModel(runningModel))).toBe('');
+    expect(statusText(undefined)).toBe('');
+    expect(
+      statusText(beginTransition(viewFromModel(runningModel), 'hibernating'))
+    ).toBe('Hibernating…');
+    expect(
+      statusText(beginTransition(viewFromModel(hibernatedModel), 'waking'))
+    ).toBe('Waking…');
+  });
+});
+
+describe('eventNotice', () => {
+  const kernel = 'the kernel of demo.ipynb';
+
+  it('hibernate: success with sizes and time', () => {
+    expect(
+      eventNotice(
+        event({
+          freed_bytes: 321 * MiB,
+          image_bytes: 298 * MiB,
+          seconds: 0.592
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'success',
+      message:
+        'Hibernated the kernel of demo.ipynb in 0.6 s: 321.0 MiB memory freed, image 298.0 MiB.'
+    });
+  });
+
+  it('wake: success', () => {
+    expect(
+      eventNotice(
+        event({ action: 'wake', state: 'running', seconds: 0.4 }),
+        kernel
+      )
+    ).toEqual({
+      type: 'success',
+      message: 'Woke the kernel of demo.ipynb in 0.4 s.'
+    });
+  });
+
+  it('wake from a dill snapshot: a warning listing the lost variables', () => {
+    const notice = eventNotice(
+      event({
+        action: 'wake',
+        state: 'running',
+        lost: [
+          { name: 'sock', type: 'socket', reason: 'cannot be pickled' },
+          { name: 'lock', type: 'Lock', reason: 'cannot be pickled' }
+        ]
+      }),
+      kernel
+    );
+    expect(notice?.type).toBe('warning');
+    expect(notice?.message).toContain('2 variables were lost');
+    expect(notice?.message).toContain('sock (socket: cannot be pickled)');
+    expect(notice?.message).toContain('lock (Lock: cannot be pickled)');
+  });
+
+  it('hibernate with a dill snapshot that cannot keep everything: a warning', () => {
+    const notice = eventNotice(
+      event({
+        freed_bytes: MiB,
+        image_bytes: MiB,
+        lost: [{ name: 'gen', type: 'generator', reason: 'cannot be pickled' }]
+      }),
+      kernel
+    );
+    expect(notice?.type).toBe('warning');
+    expect(notice?.message).toMatch(
+      /^Hibernated the kernel of demo.ipynb: 1.0 MiB memory freed/
+    );
+    expect(notice?.message).toContain(
+      '1 variable could not be saved and will be missing after the wake: gen (generator: cannot be pickled).'
+    );
+  });
+
+  it('failures are errors with the reason', () => {
+    expect(
+      eventNotice(
+        event({
+          action: 'hibernate-failed',
+          state: 'running',
+          error: 'disk full'
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'error',
+      message: 'Could not hibernate the kernel of demo.ipynb: disk full'
+    });
+    expect(
+      eventNotice(event({ action: 'wake-failed', error: 'timeout' }), kernel)
+        ?.message
+    ).toBe('Could not wake the kernel of demo.ipynb: timeout');
+  });
+});
+
+describe('refusalNotice', () => {
+  const kernel = 'the kernel of demo.ipynb';
+
+  it('offers to force a busy kernel', () => {
+    const notice = refusalNotice(
+      'hibernate',
+      kernel,
+      409,
+      `kernel ${ID} is busy running a cell; hibernate it with force=true`
+    );
+    expect(notice).toMatchObject({ type: 'warning', offerForce: true });
+    expect(notice?.message).toMatch(/^The kernel of demo.ipynb is busy/);
+  });
+
+  it('says why no engine can hibernate', () => {
+    expect(
+      refusalNotice('hibernate', kernel, 503, 'CRIU cannot run here: not root')
+    ).toEqual({
+      type: 'error',
+      message:
+        'Could not hibernate the kernel of demo.ipynb: CRIU cannot run here: not root',
+      offerForce: false
+    });
+  });
+
+  it('handles gone kernels, conflicts and unreachable servers', () => {
+    expect(refusalNotice('wake', kernel, 404, `no kernel ${ID}`)?.message).toBe(
+      `Could not wake the kernel of demo.ipynb: no kernel ${ID}`
+    );
+    expect(refusalNotice('wake', kernel, 404, '')?.message).toBe(
+      'Could not wake the kernel of demo.ipynb: it no longer exists'
+    );
+    expect(
+      refusalNotice('hibernate', kernel, 409, `kernel ${ID} is hibernated`)
+    ).toMatchObject({ type: 'warning', offerForce: false });
+    expect(
+      refusalNotice('wake', kernel, 0, 'the server could not be reached')?.type
+    ).toBe('error');
+  });
+
+  it('leaves failed hibernations and wakes to their events', () => {
+    expect(
+      refusalNotice('hibernate', kernel, 500, 'hibernation failed')
+    ).toBeNull();
+    expect(refusalNotice('wake', kernel, 500, 'wake failed')).toBeNull();
+  });
+});

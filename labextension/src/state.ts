@@ -1,0 +1,452 @@
+/**
+ * The UI state of kernel hibernation, as pure functions of the server's
+ * kernel models and kernelhib's events, and the words the toolbar button,
+ * status bar, panel and notifications show for it.
+ *
+ * Nothing here touches JupyterLab, the DOM or the network: jest tests it in Node.
+ */
+
+/** kernelhib's event schema (kernelhib/events/hibernation.yaml). */
+export const HIBERNATION_SCHEMA =
+  'https://events.jupyter.org/kernelhib/hibernation/v1';
+
+/** jupyter_server's kernel lifecycle events (start, interrupt, shutdown, restart). */
+export const KERNEL_ACTIONS_SCHEMA =
+  'https://events.jupyter.org/jupyter_server/kernel_actions/v1';
+
+export type HibernationState =
+  'running' | 'hibernating' | 'hibernated' | 'waking';
+
+const STATES: readonly string[] = [
+  'running',
+  'hibernating',
+  'hibernated',
+  'waking'
+];
+
+/** A variable a snapshot engine could not save (`hibernation.lost`). */
+export interface ILostVariable {
+  name: string;
+  type: string;
+  reason: string;
+}
+
+/** The `hibernation` object of a kernel's REST model; absent while a kernel simply runs. */
+export interface IHibernationModel {
+  state: HibernationState;
+  engine?: string;
+  image_bytes?: number;
+  freed_bytes?: number;
+  seconds?: number;
+  hibernated_at?: number;
+  error?: string;
+  lost?: ILostVariable[];
+}
+
+/** A kernel model of `GET /api/kernels`, with kernelhib's additions. */
+export interface IKernelModel {
+  id: string;
+  name: string;
+  last_activity?: string;
+  execution_state?: string;
+  connections?: number;
+  hibernation?: IHibernationModel;
+}
+
+/**
+ * One event of kernelhib's schema. Its action is hibernate, hibernate-failed,
+ * wake or wake-failed; its state is the kernel's state after it, which is all the
+ * views need, so actions added later change the views without a notification.
+ */
+export interface IHibernationEvent extends IHibernationModel {
+  action: string;
+  kernel_id: string;
+}
+
+/** What the UI knows about one kernel. */
+export interface IKernelView {
+  readonly id: string;
+  /** The kernel spec name, e.g. `python3`. */
+  readonly name: string;
+  /** The server's execution state: idle, busy, starting, hibernated... */
+  readonly executionState: string;
+  /** ISO 8601 time of the kernel's last activity; '' if unknown. */
+  readonly lastActivity: string;
+  readonly connections: number;
+  readonly state: HibernationState;
+  /** The engine of the last hibernation; '' if none. */
+  readonly engine: string;
+  readonly imageBytes: number;
+  readonly freedBytes: number;
+  /** How long the last hibernation or wake took. */
+  readonly seconds: number;
+  /** When the kernel was hibernated, in seconds since the epoch; 0 if never. */
+  readonly hibernatedAt: number;
+  /** Why the last hibernation or wake failed; '' if it did not. */
+  readonly error: string;
+}
+
+/** A kernel's view from its REST model. */
+export function viewFromModel(model: IKernelModel): IKernelView {
+  const hibernation = model.hibernation;
+  return {
+    id: model.id,
+    name: model.name,
+    executionState: model.execution_state ?? '',
+    lastActivity: model.last_activity ?? '',
+    connections: model.connections ?? 0,
+    state: hibernation?.state ?? 'running',
+    engine: hibernation?.engine ?? '',
+    imageBytes: hibernation?.image_bytes ?? 0,
+    freedBytes: hibernation?.freed_bytes ?? 0,
+    seconds: hibernation?.seconds ?? 0,
+    hibernatedAt: hibernation?.hibernated_at ?? 0,
+    error: hibernation?.error ?? ''
+  };
+}
+
+/**
+ * Merge a kernel listing (JupyterLab's own refresh of `GET /api/kernels`) into
+ * the views: kernels that are gone are dropped and new ones added, but the
+ * hibernation state of known kernels stays as events and requests left it,
+ * since a listing may have been answered before the latest event.
+ */
+export function mergeListing(
+  views: ReadonlyMap<string, IKernelView>,
+  models: readonly IKernelModel[]
+): Map<string, IKernelView> {
+  const merged = new Map<string, IKernelView>();
+  for (const model of models) {
+    const known = views.get(model.id);
+    const fresh = viewFromModel(model);
+    merged.set(
+      model.id,
+      known === undefined
+        ? fresh
+        : {
+            ...known,
+            name: fresh.name,
+            lastActivity: fresh.lastActivity || known.lastActivity,
+            connections: fresh.connections,
+            executionState: fresh.executionState || known.executionState
+          }
+    );
+  }
+  return merged;
+}
+
+/** A kernelhib event from the server's event stream; null for anything else. */
+export function parseHibernationEvent(emission: {
+  readonly [key: string]: unknown;
+}): IHibernationEvent | null {
+  const { schema_id, action, kernel_id, state } = emission;
+  if (
+    schema_id !== HIBERNATION_SCHEMA ||
+    typeof action !== 'string' ||
+    typeof kernel_id !== 'string' ||
+    typeof state !== 'string' ||
+    !STATES.includes(state)
+  ) {
+    return null;
+  }
+  return emission as unknown as IHibernationEvent;
+}
+
+/** The view of a kernel after an event about it (`view` undefined: a kernel not seen yet). */
+export function applyEvent(
+  view: IKernelView | undefined,
+  event: IHibernationEvent
+): IKernelView {
+  const base = view ?? viewFromModel({ id: event.kernel_id, name: '' });
+  const woke = event.action === 'wake';
+  return {
+    ...base,
+    state: event.state,
+    executionState:
+      event.state === 'hibernated'
+        ? 'hibernated'
+        : woke
+          ? 'idle'
+          : base.executionState,
+    engine: event.engine ?? base.engine,
+    imageBytes: event.image_bytes ?? base.imageBytes,
+    freedBytes: event.freed_bytes ?? base.freedBytes,
+    seconds: event.seconds ?? base.seconds,
+    hibernatedAt: event.hibernated_at ?? base.hibernatedAt,
+    error: event.error ?? ''
+  };
+}
+
+/** The view while a request this front end made is under way. */
+export function beginTransition(
+  view: IKernelView,
+  state: 'hibernating' | 'waking'
+): IKernelView {
+  return { ...view, state, error: '' };
+}
+
+/** Running and idle: what "Hibernate All Idle Kernels" hibernates. */
+export function isIdle(view: IKernelView): boolean {
+  return view.state === 'running' && view.executionState === 'idle';
+}
+
+/** The memory freed by all hibernated kernels. */
+export function totalFreed(views: Iterable<IKernelView>): number {
+  let total = 0;
+  for (const view of views) {
+    if (view.state === 'hibernated') {
+      total += view.freedBytes;
+    }
+  }
+  return total;
+}
+
+/** `1536` -> `1.5 KiB`, as kernelhib's CLI writes sizes. */
+export function formatBytes(count: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB'];
+  let value = count;
+  for (const unit of units) {
+    if (Math.abs(value) < 1024) {
+      return unit === 'B'
+        ? `${Math.round(value)} B`
+        : `${value.toFixed(1)} ${unit}`;
+    }
+    value /= 1024;
+  }
+  return `${value.toFixed(1)} TiB`;
+}
+
+/** `0.592` -> `0.6 s`; `75` -> `1 min 15 s`. */
+export function formatSeconds(seconds: number): string {
+  if (seconds < 60) {
+    return `${seconds.toFixed(1)} s`;
+  }
+  const minutes = Math.floor(seconds / 60);
+  return `${minutes} min ${Math.round(seconds - minutes * 60)} s`;
+}
+
+/** What the notebook toolbar button shows and does for a kernel. */
+export interface IButtonLook {
+  /** Which icon: the action offered while running, else the state. */
+  icon: 'hibernate' | 'hibernating' | 'hibernated' | 'waking';
+  /** Text beside the icon: empty while the kernel runs. */
+  label: string;
+  tooltip: string;
+  /** What a click does; null while a transition is under way or there is no kernel. */
+  action: 'hibernate' | 'wake' | null;
+}
+
+/** The toolbar button for a notebook's kernel; `view` undefined: no kernel yet. */
+export function buttonLook(view: IKernelView | undefined): IButtonLook {
+  if (view === undefined) {
+    return {
+      icon: 'hibernate',
+      label: '',
+      tooltip: 'Hibernate kernel (no kernel yet)',
+      action: null
+    };
+  }
+  switch (view.state) {
+    case 'running':
+      return {
+        icon: 'hibernate',
+        label: '',
+        tooltip:
+          'Hibernate kernel: save it to disk and free its memory' +
+          (view.error ? `\nThe last attempt failed: ${view.error}` : ''),
+        action: 'hibernate'
+      };
+    case 'hibernating':
+      return {
+        icon: 'hibernating',
+        label: 'Hibernating…',
+        tooltip: 'Hibernating the kernel…',
+        action: null
+      };
+    case 'hibernated':
+      return {
+        icon: 'hibernated',
+        label: 'Hibernated',
+        tooltip:
+          `${hibernatedSummary(view)}\n` +
+          (view.error
+            ? `The last wake failed: ${view.error}\nClick to try again.`
+            : 'Click to wake it, or run a cell.'),
+        action: 'wake'
+      };
+    case 'waking':
+      return {
+        icon: 'waking',
+        label: 'Waking…',
+        tooltip: 'Waking the kernel…',
+        action: null
+      };
+  }
+}
+
+/** `Kernel hibernated (criu): 321.1 MiB memory freed, image 298.0 MiB` */
+export function hibernatedSummary(view: IKernelView): string {
+  const engine = view.engine ? ` (${view.engine})` : '';
+  return (
+    `Kernel hibernated${engine}: ${formatBytes(view.freedBytes)} memory freed, ` +
+    `image ${formatBytes(view.imageBytes)}`
+  );
+}
+
+/** The status bar text for the current notebook's kernel; '' while it simply runs. */
+export function statusText(view: IKernelView | undefined): string {
+  switch (view?.state) {
+    case 'hibernating':
+      return 'Hibernating…';
+    case 'hibernated':
+      return `Hibernated | ${formatBytes(view.freedBytes)} freed`;
+    case 'waking':
+      return 'Waking…';
+    default:
+      return '';
+  }
+}
+
+/** A notification to show. */
+export interface INotice {
+  type: 'success' | 'warning' | 'error';
+  message: string;
+}
+
+/** `x (socket: cannot be pickled), y (Lock: ...)` */
+export function formatLost(lost: readonly ILostVariable[]): string {
+  return lost.map(v => `${v.name} (${v.type}: ${v.reason})`).join(', ');
+}
+
+/** The notification for an event (null: none); `kernel` names the kernel for the user. */
+export function eventNotice(
+  event: IHibernationEvent,
+  kernel: string
+): INotice | null {
+  const took =
+    event.seconds !== undefined ? ` in ${formatSeconds(event.seconds)}` : '';
+  const lost = event.lost ?? [];
+  const count = lost.length === 1 ? '1 variable' : `${lost.length} variables`;
+  switch (event.action) {
+    case 'hibernate': {
+      const message =
+        `Hibernated ${kernel}${took}: ${formatBytes(event.freed_bytes ?? 0)} memory freed, ` +
+        `image ${formatBytes(event.image_bytes ?? 0)}.`;
+      return lost.length === 0
+        ? { type: 'success', message }
+        : {
+            type: 'warning',
+            message: `${message} ${count} could not be saved and will be missing after the wake: ${formatLost(lost)}.`
+          };
+    }
+    case 'hibernate-failed':
+      return {
+        type: 'error',
+        message: `Could not hibernate ${kernel}: ${event.error ?? 'unknown error'}`
+      };
+    case 'wake':
+      return lost.length === 0
+        ? { type: 'success', message: `Woke ${kernel}${took}.` }
+        : {
+            type: 'warning',
+            message:
+              `Woke ${kernel}${took}, but ${count} ${lost.length === 1 ? 'was' : 'were'} lost: ` +
+              `${formatLost(lost)}. Run the cells that define them again.`
+          };
+    case 'wake-failed':
+      return {
+        type: 'error',
+        message: `Could not wake ${kernel}: ${event.error ?? 'unknown error'}`
+      };
+    default:
+      return null;
+  }
+}
+
+/** The file names of a kernel's notebooks (or consoles), from its sessions' paths. */
+export function sessionNames(paths: readonly string[]): string[] {
+  return paths.map(path => path.split('/').pop() || path);
+}
+
+/** How a kernel is named to the user: its notebooks' names, else its spec and id. */
+export function kernelLabel(
+  kernelId: string,
+  spec: string,
+  paths: readonly string[]
+): string {
+  if (paths.length > 0) {
+    return `the kernel of ${sessionNames(paths).join(', ')}`;
+  }
+  return `kernel ${spec ? `${spec} ` : ''}${kernelId.slice(0, 8)}`;
+}
+
+/** What to tell the user when a hibernate or wake request is refused. */
+export interface IRefusal extends INotice {
+  /** The kernel is busy: offer to hibernate it anyway (`force`), freezing the cell. */
+  offerForce: boolean;
+}
+
+/**
+ * The notification for a refused request, or null where the server's event
+ * stream reports the failure itself (500: hibernate-failed, wake-failed).
+ */
+export function refusalNotice(
+  action: 'hibernate' | 'wake',
+  kernel: string,
+  status: number,
+  message: string
+): IRefusal | null {
+  if (status === 500) {
+    return null;
+  }
+  if (action === 'hibernate' && status === 409 && message.includes('busy')) {
+    return {
+      type: 'warning',
+      message:
+        `${capitalize(kernel)} is busy running a cell. Hibernate it anyway? ` +
+        'The cell is frozen and carries on after the wake.',
+      offerForce: true
+    };
+  }
+  // 404: the kernel is gone ("no kernel ..."), or the server lacks kernelhib ("Not Found").
+  const reason =
+    message || (status === 404 ? 'it no longer exists' : `error ${status}`);
+  return {
+    type: status === 409 ? 'warning' : 'error',
+    message: `Could not ${action} ${kernel}: ${reason}`,
+    offerForce: false
+  };
+}
+
+function capitalize(text: string): string {
+  return text.charAt(0).toUpperCase() + text.slice(1);
+}
+
+/** The state column of the panel: `Running (idle)`, `Hibernated`, `Waking…`; `⚠` after a failure. */
+export function stateLabel(view: IKernelView): string {
+  const warning = view.error ? ' ⚠' : '';
+  switch (view.state) {
+    case 'running':
+      return `Running${view.executionState ? ` (${view.executionState})` : ''}${warning}`;
+    case 'hibernating':
+      return 'Hibernating…';
+    case 'hibernated':
+      return `Hibernated${warning}`;
+    case 'waking':
+      return 'Waking…';
+  }
+}
+
+/** A time of the server's (ISO 8601): the time of day if it is today, else date and time. */
+export function formatTime(iso: string, now: Date): string {
+  if (!iso) {
+    return '—';
+  }
+  const time = new Date(iso);
+  if (Number.isNaN(time.getTime())) {
+    return iso;
+  }
+  return time.toDateString() === now.toDateString()
+    ? time.toLocaleTimeString()
+    : time.toLocaleString();
+}
