@@ -80,6 +80,18 @@ class Hibernation:
     epoch: int = 0
     waking: asyncio.Future[None] | None = None
 
+    def settle(self, image: Image) -> None:
+        """Take the facts of a committed image: the kernel is now hibernated in it."""
+        manifest = image.manifest
+        self.state = "hibernated"
+        self.engine = manifest["engine"]
+        self.image_bytes = image.bytes
+        self.freed_bytes = manifest.get("freed_bytes", 0)
+        self.hibernated_at = manifest["created"]
+        self.execution_state = manifest.get("execution_state", "idle")
+        self.lost = manifest.get("lost", [])
+        self.fallback_reason = manifest.get("fallback_reason", "")
+
     def model(self) -> dict[str, Any]:
         model: dict[str, Any] = {"state": self.state}
         if self.engine:
@@ -297,7 +309,7 @@ class KernelHibernator(LoggingConfigurable):
                 chosen = self._dill
                 image = await self._write_image(km, chosen, fallback)
             try:
-                await self._end_process(km, chosen)
+                await self._end_process(km, graceful=chosen is self._dill)
             except BaseException:
                 self._resume(km)
                 km.start_restarter()
@@ -309,16 +321,8 @@ class KernelHibernator(LoggingConfigurable):
             self._emit("hibernate-failed", kernel_id, record)
             raise HibernationError(record.error) from exc
 
-        manifest = image.manifest
-        record.state = "hibernated"
-        record.engine = chosen.name
-        record.image_bytes = image.bytes
-        record.freed_bytes = manifest["freed_bytes"]
-        record.lost = manifest.get("lost", [])
-        record.fallback_reason = fallback
+        record.settle(image)
         record.seconds = time.monotonic() - started
-        record.hibernated_at = time.time()
-        record.execution_state = km.execution_state
         km.execution_state = "hibernated"
         self.log.info(
             "Hibernated kernel %s with %s: %d MB image, %d MB freed, %.1f s",
@@ -369,12 +373,16 @@ class KernelHibernator(LoggingConfigurable):
         if isinstance(km.provisioner, HibernatingProvisioner):
             km.provisioner.resume()
 
-    async def _end_process(self, km: KernelManager, engine: Engine) -> None:
-        """End the kernel whose image is safely on disk, keeping its manager and ports."""
+    async def _end_process(self, km: KernelManager, graceful: bool = False) -> None:
+        """End the kernel whose image is safely on disk, keeping its manager and ports.
+
+        ``graceful`` asks the kernel to exit first: a clean exit flushes what its
+        open files still buffer (a dill wake will not reopen them). A kernel
+        CRIU left stopped is simply killed: its image has all of it.
+        """
         km.stop_restarter()
         provisioner = km.provisioner
-        if engine is self._dill:
-            # A clean exit flushes what the kernel's open files still buffer.
+        if graceful:
             async with _client(km) as client:
                 client.shutdown()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -444,7 +452,7 @@ class KernelHibernator(LoggingConfigurable):
         try:
             await self._until_responsive(km)
         except BaseException:
-            await self._end_process(km, self._criu)
+            await self._end_process(km)
             raise
 
     async def _restore_dill(self, km: KernelManager, snapshot: Path) -> list[dict[str, str]]:
@@ -457,7 +465,7 @@ class KernelHibernator(LoggingConfigurable):
             async with _client(km) as client:
                 result = await self._dill.load(client, snapshot, self.snapshot_timeout)
         except BaseException:
-            await self._end_process(km, self._criu)
+            await self._end_process(km)
             raise
         return result["lost"]
 
@@ -522,15 +530,7 @@ class KernelHibernator(LoggingConfigurable):
             except (ImageError, KeyError, ValueError) as exc:
                 self.log.error("Cannot adopt hibernated kernel %s: %s", kernel_id, exc)
                 continue
-            manifest = image.manifest
-            self._records[kernel_id] = Hibernation(
-                state="hibernated",
-                engine=manifest["engine"],
-                image_bytes=image.bytes,
-                freed_bytes=manifest.get("freed_bytes", 0),
-                hibernated_at=manifest["created"],
-                execution_state=manifest.get("execution_state", "idle"),
-            )
+            self.record(kernel_id).settle(image)
             self.log.info("Adopted hibernated kernel %s from %s", kernel_id, image.path)
 
     async def forget(self, kernel_id: str) -> None:

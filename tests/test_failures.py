@@ -33,7 +33,7 @@ async def fail_dump(self: Any, pid: int, image_dir: Path) -> None:
     raise EngineError("injected: criu dump failed")
 
 
-async def fail_end(self: Any, km: Any, engine: Any) -> None:
+async def fail_end(self: Any, km: Any, graceful: bool = False) -> None:
     raise OSError("injected: could not end the kernel")
 
 
