@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 from .engines.base import Availability, Engine
 from .engines.criu import CriuEngine
+from .engines.dill import DillEngine
 
 
 def diagnose(criu_path: str = "") -> list[tuple[str, Availability]]:
     """Each engine's name and whether it works here; ``criu_path`` is the configured CRIU."""
-    engines: list[Engine] = [CriuEngine(criu_path)]
+    engines: list[Engine] = [CriuEngine(criu_path), DillEngine()]
     return [(engine.name, engine.availability()) for engine in engines]
 
 

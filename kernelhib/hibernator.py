@@ -242,25 +242,27 @@ class KernelHibernator(LoggingConfigurable):
     ) -> tuple[Engine, str]:
         """The engine for a request, and why not CRIU when 'auto' falls back to dill.
 
-        NoEngine says why when the named engine cannot run.
+        NoEngine says why when no engine that the request allows can run.
         """
         name = (requested or self.engine).lower()
         if name not in ("auto", "criu", "dill"):
             raise NoEngine(f"unknown engine {name!r}: use 'auto', 'criu' or 'dill'")
         if name == "dill":
+            if why_not_dill := _why_not(self._dill):
+                raise NoEngine(why_not_dill)
             return self._dill, ""
-        why_not = self._why_not_criu(provisioner)
-        if not why_not:
+        why_not_criu = self._why_not_criu(provisioner)
+        if not why_not_criu:
             return self._criu, ""
         if name == "criu":
-            raise NoEngine(why_not)
-        return self._dill, why_not
+            raise NoEngine(why_not_criu)
+        if why_not_dill := _why_not(self._dill):
+            raise NoEngine(f"{why_not_criu}; {why_not_dill}")
+        return self._dill, why_not_criu
 
     def _why_not_criu(self, provisioner: KernelProvisionerBase | None) -> str:
-        availability = self._criu.availability()
-        if not availability.ok:
-            remedy = f" ({availability.remedy})" if availability.remedy else ""
-            return f"CRIU cannot run here: {availability.detail}{remedy}"
+        if why_not := _why_not(self._criu):
+            return why_not
         if not isinstance(provisioner, HibernatingProvisioner):
             return "the kernel was not started by kernelhib-provisioner, so CRIU cannot restore it"
         if provisioner.not_restorable:
@@ -550,6 +552,15 @@ class KernelHibernator(LoggingConfigurable):
             return
         data = {"action": action, "kernel_id": kernel_id, **record.model()}
         self.event_logger.emit(schema_id=EVENT_SCHEMA_ID, data=data)
+
+
+def _why_not(engine: Engine) -> str:
+    """Why ``engine`` cannot run here, with what to do; empty when it can."""
+    availability = engine.availability()
+    if availability.ok:
+        return ""
+    remedy = f" ({availability.remedy})" if availability.remedy else ""
+    return f"{engine.name} cannot run here: {availability.detail}{remedy}"
 
 
 def _json_connection_info(km: KernelManager) -> dict[str, Any]:

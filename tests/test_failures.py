@@ -165,6 +165,6 @@ async def test_bad_requests_get_clear_errors(
 async def test_no_working_criu_is_503_when_criu_is_asked_for(start_kernel: Any, api: Any) -> None:
     kernel_id, channel = await start_kernel()
     error = await api("POST", "kernels", kernel_id, "hibernate", body=CRIU, expect=503)
-    assert "CRIU cannot run here" in error["message"]
+    assert "criu cannot run here" in error["message"]
     assert "/nonexistent/criu" in error["message"]
     assert (await channel.execute("1 + 1"))["result"] == "2"

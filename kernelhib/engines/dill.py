@@ -13,6 +13,7 @@ environment, only dill.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,15 @@ class DillEngine(Engine):
     name = "dill"
 
     def availability(self) -> Availability:
+        if importlib.util.find_spec("dill") is None:
+            return Availability(
+                False,
+                "dill is not installed",
+                "pip install dill, in the server's and the kernels' environments",
+            )
         return Availability(
             True,
-            "saves the namespace with dill (needs dill in the kernel's environment); "
+            "saves the namespace with dill (needs dill in the kernel's environment too); "
             "a wake starts a fresh kernel: threads, comms and open handles are not kept",
         )
 
