@@ -8,6 +8,7 @@ the REST handlers and the event schema.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ class KernelHibernatorApp(ExtensionApp):
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         if not self.active:
             return
+        _stop_cleanly_on_sigint(serverapp)
         mkm = serverapp.kernel_manager
         await mkm.hibernator.start(adopt=self._claim is not None)
         # Admins (and tests) learn from this line that adoption is over.
@@ -96,3 +98,18 @@ class KernelHibernatorApp(ExtensionApp):
     def initialize_handlers(self) -> None:
         if self.active:
             self.handlers.extend(handlers)
+
+
+def _stop_cleanly_on_sigint(serverapp: Any) -> None:
+    """Let SIGINT stop the server as SIGTERM does: stop hooks first, so kernels hibernate.
+
+    jupyter_server handles SIGINT only when stdin is a terminal (it asks before
+    stopping); otherwise SIGINT raises KeyboardInterrupt in the event loop and the
+    server exits without running extensions' stop hooks or shutting kernels down.
+    JupyterHub's LocalProcessSpawner stops servers with SIGINT, and kernelhib's
+    kernels do not die with their server (no JPY_PARENT_PID): they would run on,
+    orphaned, instead of hibernating. Called once the server runs (never in tests
+    that only start_app()), from the main thread.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, serverapp._signal_stop)

@@ -58,6 +58,7 @@ elif ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
     missing+=(python3-venv)
 fi
 command -v unshare >/dev/null && command -v setpriv >/dev/null || missing+=(util-linux)
+((test_extras)) && ! command -v npm >/dev/null && missing+=(nodejs npm)
 [[ -s /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 # `kernelhib install-criu` verifies CRIU's packages from Debian's archive with it.
 [[ -e /usr/share/keyrings/debian-archive-keyring.gpg ]] || missing+=(debian-archive-keyring)
@@ -108,7 +109,13 @@ else
     say "kernelhib: already installed in $venv (${wanted[*]})"
 fi
 
-# 4. CRIU >= 4.2 (returns at once when the private install already works).
+# 4. The JupyterHub test's proxy, from the npm registry, as tests/hub/package-lock.json says.
+if ((test_extras)) && [[ ! -x "$repo/tests/hub/node_modules/.bin/configurable-http-proxy" ]]; then
+    say "configurable-http-proxy: npm ci --prefix tests/hub"
+    npm ci --no-audit --no-fund --prefix "$repo/tests/hub"
+fi
+
+# 5. CRIU >= 4.2 (returns at once when the private install already works).
 say "CRIU: kernelhib install-criu"
 "$venv/bin/kernelhib" install-criu
 say "Setup done. Check it with: $venv/bin/kernelhib doctor"
