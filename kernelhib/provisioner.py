@@ -9,7 +9,8 @@ restore to work:
 - No pipes to the server: stdin is /dev/null, output goes to a per-kernel log
   file. A pipe to a process outside the image cannot be restored.
 - No ``JPY_PARENT_PID``: ipykernel's parent poller would end a kernel whose
-  parent changed, which a restored kernel's always has.
+  parent changed, which a restored kernel's always has. The kernel dies with
+  the server through ``unshare`` instead (until its first CRIU wake).
 - IPython's history database is private to the kernel: CRIU refuses to restore
   a kernel whose open files changed size, and a shared database grows whenever
   any other kernel runs a cell.
@@ -21,6 +22,7 @@ it need not be our child.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shutil
 import signal
@@ -36,7 +38,15 @@ from .engines.criu import CriuEngine
 from .kernel_process import KernelProcess
 from .paths import kernelhib_data_dir, private_dir
 
-_UNSHARE = ("unshare", "--pid", "--fork", "setsid")
+# --kill-child: the kernel dies with unshare, which dies with the server (see
+# _die_with_parent), so a server killed outright leaves no kernel behind.
+_UNSHARE = ("unshare", "--pid", "--fork", "--kill-child", "setsid")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the launched process: get SIGKILL when the server that started it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
@@ -78,7 +88,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         if not self.not_restorable:
             kwargs["cmd"] = [*_UNSHARE, *cmd]
         env = dict(kwargs.get("env") or os.environ)
-        env.pop("JPY_PARENT_PID", None)
+        env.pop("JPY_PARENT_PID", None)  # the launcher sets it again where it is harmless
         env["KERNELHIB_KERNEL_ID"] = str(self.kernel_id)
         kwargs["env"] = env
         return kwargs
@@ -96,7 +106,10 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         with self.log_file.open("ab") as log:
             kwargs.update(stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-            kwargs["independent"] = True
+            if not self.not_restorable:
+                # No JPY_PARENT_PID (a restored kernel's parent always differs); unshare
+                # ties the kernel's life to the server's instead.
+                kwargs.update(independent=True, preexec_fn=_die_with_parent)
             info = await super().launch_kernel(cmd, **kwargs)
         pid = self.process.pid
         if not self.not_restorable:

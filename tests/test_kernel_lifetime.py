@@ -1,0 +1,41 @@
+"""A kernel never outlives its server unnoticed: killed outright, the server takes its kernels."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.criu
+
+
+def kernel_processes(kernel_id: str) -> list[int]:
+    """Processes whose command line names this kernel's connection file."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if f"kernel-{kernel_id}.json".encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+async def test_a_server_killed_outright_takes_its_kernels_along(launch_server: Any) -> None:
+    server = await launch_server()
+    kernel = await server.api("POST", "kernels", body={"name": "python3"}, expect=201)
+    channel = await server.open_channel(kernel["id"])
+    assert (await channel.execute("1 + 1"))["result"] == "2"
+    assert kernel_processes(kernel["id"]), "the kernel runs"
+
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+
+    for _ in range(50):
+        if not kernel_processes(kernel["id"]):
+            break
+        await asyncio.sleep(0.1)
+    assert not kernel_processes(kernel["id"]), "an orphaned kernel would hold its memory forever"
