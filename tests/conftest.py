@@ -15,6 +15,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -71,9 +72,20 @@ def jp_server_config(
 ) -> dict[str, Any]:
     return {
         "ServerApp": {"jpserver_extensions": {"kernelhib": True}},
-        "KernelHibernator": {"criu_path": criu_path, **hibernator_config},
+        # The test server's teardown stops extensions: hibernating every kernel
+        # there would only slow the tests down (test_server_restart covers it).
+        "KernelHibernator": {"criu_path": criu_path, "hibernate_on_stop": False}
+        | hibernator_config,
         **server_config,
     }
+
+
+@pytest.fixture
+def started_extensions(jp_serverapp: Any, jp_asyncio_loop: Any) -> Any:
+    """The test server with its extensions started, as a real server's event loop does:
+    kernelhib's idle watcher runs."""
+    jp_asyncio_loop.run_until_complete(jp_serverapp.extension_manager.start_all_extensions())
+    return jp_serverapp
 
 
 class KernelChannel:
@@ -205,7 +217,14 @@ class ServerProcess:
     in-process test server never does the same way.
     """
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, cwd: Path) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        env: dict[str, str],
+        log: Path,
+        cwd: Path,
+        runner: Sequence[str] = (),
+    ) -> None:
         self.port = free_port()
         self.token = os.urandom(8).hex()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -213,7 +232,7 @@ class ServerProcess:
         self.image_dir = Path(env["JUPYTER_DATA_DIR"]) / "kernelhib" / "images"
         self.channels: list[KernelChannel] = []
         command = [
-            sys.executable, "-m", "jupyter_server", "--ip=127.0.0.1", f"--port={self.port}",
+            *runner, sys.executable, "-m", "jupyter_server", "--ip=127.0.0.1", f"--port={self.port}",
             "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
             "--ServerApp.open_browser=False", "--allow-root", f"--ServerApp.root_dir={cwd}",
             *args,
