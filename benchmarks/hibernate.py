@@ -1,11 +1,14 @@
-"""Benchmark kernel hibernation against plain file I/O and a kernel restart.
+"""Benchmark kernel hibernation (CRIU and dill engines) against file I/O and plain dill.
 
-For each size, a real ``jupyter server`` with kernelhib runs a python3 kernel
-holding that many bytes of random data. The kernel is hibernated and woken
-several times; in the same run, on the same disk, the same number of bytes is
-written (with fsync) and read back (from a cold page cache) with plain file
-I/O, and the kernel is restarted and the data recomputed. The results go to
-stdout, to a JSON file and, with ``--markdown``, into ``docs/performance.md``.
+For each workload (random numpy data of each size, and optionally a dict of
+many small Python objects), a real ``jupyter server`` with kernelhib runs a
+python3 kernel holding it. In each run, on the same disk: the same number of
+bytes is written (with fsync) and read back (from a cold page cache) with plain
+file I/O; the kernel is hibernated and woken with CRIU, then with the dill
+engine; and inside the kernel its user namespace is saved with plain
+``dill.dump_module`` and loaded back with ``dill.load_module``. After the runs
+the kernel is restarted and the data recomputed. The results go to stdout, to
+a JSON file and, with ``--markdown``, into ``docs/performance.md``.
 
 Needs root (CRIU, and dropping the page cache). Run from the repository root::
 
@@ -16,8 +19,8 @@ Needs root (CRIU, and dropping the page cache). Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -35,12 +38,14 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import websocket
+from blake3 import blake3
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
 
@@ -144,10 +149,10 @@ def write_file(path: Path, size: int, chunk: bytes) -> float:
 
 
 def read_file(path: Path, digest: bool = False) -> float:
-    """Seconds to read a file through (and SHA-256 it if ``digest``), as the wake does."""
+    """Seconds to read a file through (and BLAKE3 it if ``digest``), as the wake does."""
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
-    hasher = hashlib.sha256() if digest else None
+    hasher = blake3(max_threads=blake3.AUTO) if digest else None
     started = time.perf_counter()
     with path.open("rb", buffering=0) as f:
         while n := f.readinto(buffer):
@@ -156,10 +161,10 @@ def read_file(path: Path, digest: bool = False) -> float:
     return time.perf_counter() - started
 
 
-def sha256_seconds(size: int, chunk: bytes) -> float:
-    """Seconds to SHA-256 ``size`` bytes already in memory."""
+def blake3_seconds(size: int, chunk: bytes) -> float:
+    """Seconds to BLAKE3 ``size`` bytes already in memory, as the image store does."""
     view = memoryview(chunk)
-    hasher = hashlib.sha256()
+    hasher = blake3(max_threads=blake3.AUTO)
     started = time.perf_counter()
     left = size
     while left:
@@ -224,6 +229,12 @@ def code_version() -> dict[str, Any]:
         result = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
         return result.stdout.strip() if result.returncode == 0 else ""
 
+    import kernelhib
+
+    package = Path(kernelhib.__file__).resolve().parent
+    if package != repo / "kernelhib":
+        # Another copy, e.g. a clean export on PYTHONPATH while the tree has edits in progress.
+        return {"commit": git("rev-parse", "--short", "HEAD"), "kernelhib_path": str(package)}
     return {
         "commit": git("rev-parse", "--short", "HEAD"),
         "kernelhib_modified": bool(git("status", "--porcelain", "--", "kernelhib")),
@@ -244,6 +255,7 @@ class JupyterServer:
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = workdir / "server.log"
+        self.image_dir = image_dir
         root_dir = workdir / "root"
         root_dir.mkdir()
         cmd = [
@@ -255,10 +267,12 @@ class JupyterServer:
         ]  # fmt: skip
         self._log = self.log_path.open("wb")
         # Its own session: a Ctrl-C meant for the benchmark must not reach the server,
-        # which would ask on stdin whether to shut down.
+        # which would ask on stdin whether to shut down. Run from the work directory:
+        # `python -m` puts its directory first on sys.path, so from the repository root
+        # the server would import ./kernelhib even when PYTHONPATH names another copy.
         self.process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, cwd=workdir,
         )  # fmt: skip
         self.kernels: set[str] = set()
 
@@ -299,23 +313,33 @@ class JupyterServer:
             raise BenchmarkError(f"{method} {path}: HTTP {exc.code} {detail}") from exc
         return json.loads(text) if text else None
 
-    def warm_up(self) -> dict[str, float]:
-        """Hibernate and wake an empty kernel once, so one-time costs (``criu check``,
-        imports in the server) do not land in the first measured run."""
+    def warm_up(self, engines: list[str]) -> dict[str, Any]:
+        """Hibernate and wake an empty kernel once with each engine, so one-time costs
+        (``criu check``, imports in the server) do not land in the first measured run.
+        Also records how plain ``dill.dump_module()`` of the kernel's ``__main__`` fails."""
         kernel_id = self.start_kernel()
         channel = KernelChannel(self, kernel_id)
+        times: dict[str, Any] = {}
         try:
             channel.execute("1+1", timeout=120)
-            started = time.perf_counter()
-            self.request("POST", f"api/kernels/{kernel_id}/hibernate")
-            hibernated = time.perf_counter()
-            self.request("POST", f"api/kernels/{kernel_id}/wake")
-            channel.execute("1+1")
-            woken = time.perf_counter()
+            for engine in engines:
+                started = time.perf_counter()
+                self.request("POST", f"api/kernels/{kernel_id}/hibernate", {"engine": engine})
+                hibernated = time.perf_counter()
+                self.request("POST", f"api/kernels/{kernel_id}/wake")
+                channel.execute("1+1")
+                woken = time.perf_counter()
+                times[engine] = {"hibernate_s": hibernated - started, "wake_s": woken - hibernated}
+            if "dill" in engines:
+                # "": it worked. With a variable naming the shell, it meets its sqlite3
+                # connection (the IPython history).
+                times["dump_module_main_error"] = plain_dill(channel, "main_error()")
+                channel.execute("shell = get_ipython()")
+                times["dump_module_main_error_with_shell"] = plain_dill(channel, "main_error()")
         finally:
             channel.close()
             self.shutdown_kernel(kernel_id)
-        return {"hibernate_s": hibernated - started, "wake_s": woken - hibernated}
+        return times
 
     def start_kernel(self) -> str:
         kernel_id: str = self.request("POST", "api/kernels", {"name": "python3"})["id"]
@@ -359,9 +383,20 @@ class KernelChannel:
             url, header=[f"Authorization: token {server.token}"], timeout=REPLY_TIMEOUT_S
         )
 
-    def execute(self, code: str, timeout: float = REPLY_TIMEOUT_S) -> dict[str, Any]:
-        """Send ``code``; return the content of its execute_reply once it arrives."""
-        msg = self.session.msg("execute_request", {"code": code, "silent": False})
+    def execute(
+        self,
+        code: str,
+        timeout: float = REPLY_TIMEOUT_S,
+        user_expressions: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Send ``code``; return the content of its execute_reply once it arrives.
+
+        With ``user_expressions`` the request is silent (no history, no output).
+        """
+        content = {"code": code, "silent": bool(user_expressions)}
+        if user_expressions:
+            content.update(store_history=False, user_expressions=user_expressions)
+        msg = self.session.msg("execute_request", content)
         msg["channel"] = "shell"
         msg_id = msg["header"]["msg_id"]
         self.ws.send(json.dumps(msg, default=json_default))
@@ -378,17 +413,52 @@ class KernelChannel:
                     raise BenchmarkError(f"{code!r} failed in the kernel: {content}")
                 return content
 
+    def evaluate(self, expression: str, timeout: float = REPLY_TIMEOUT_S) -> Any:
+        """The value of a JSON-returning ``expression`` evaluated silently in the kernel."""
+        reply = self.execute("", timeout, user_expressions={"value": expression})
+        value = reply["user_expressions"]["value"]
+        if value.get("status") != "ok":
+            raise BenchmarkError(f"in the kernel: {value.get('ename')}: {value.get('evalue')}")
+        return json.loads(ast.literal_eval(value["data"]["text/plain"]))
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.ws.close()
 
 
-# One size.
+# One workload.
 
 
-def fill_code(size: int) -> str:
-    """Kernel code that (re)computes ``size`` bytes of random float64 data."""
-    return f"import numpy as np\ndata = np.random.default_rng(0).random({size // 8})"
+@dataclass(frozen=True)
+class Workload:
+    """What the kernel holds: ``data``, computed by ``fill``, checked by ``digest``."""
+
+    name: str  # label in the tables
+    kind: str  # "numpy" (random float64 data) or "objects" (a dict of small objects)
+    bytes: int  # numpy: the data's size, also written and read by the baselines
+    fill: str
+    digest: str  # an expression of ``data`` (and ``hashlib``): a hex digest
+
+
+def numpy_workload(size_gib: float) -> Workload:
+    size = int(size_gib * GIB) // 8 * 8
+    return Workload(
+        name=f"{size / GIB:g} GiB",
+        kind="numpy",
+        bytes=size,
+        fill=f"import numpy as np\ndata = np.random.default_rng(0).random({size // 8})",
+        digest="hashlib.sha256(data).hexdigest()",
+    )
+
+
+def objects_workload(count: int) -> Workload:
+    return Workload(
+        name=f"dict of {count / 1e6:g}M",
+        kind="objects",
+        bytes=0,
+        fill=f"data = {{f'k{{i}}': i for i in range({count})}}",
+        digest="hashlib.sha256(repr(data).encode()).hexdigest()",
+    )
 
 
 def _criu_dump_stats(image: Path) -> dict[str, float]:
@@ -411,19 +481,165 @@ def _criu_dump_stats(image: Path) -> dict[str, float]:
     return {}
 
 
+# Runs inside the kernel, in a namespace of its own (nothing is added to the user's).
+# dill.dump_module() of the IPython __main__ fails as soon as a variable reaches the
+# shell (its history holds a sqlite3 connection), and it would save IPython's own names
+# (In, Out, _i1...), so the user's variables, as %who lists them, are copied into a new
+# module, saved with refimported=True (modules and imported objects by name).
+PLAIN_DILL_SOURCE = """
+import hashlib, os, time, types
+import dill
+from IPython import get_ipython
+
+def main_error():
+    import io
+    try:
+        dill.dump_module(io.BytesIO())
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return ""
+
+def dump(path):
+    shell = get_ipython()
+    ns, hidden, missing = shell.user_ns, shell.user_ns_hidden, object()
+    names = [n for n in ns if not n.startswith("_") and hidden.get(n, missing) is not ns[n]]
+    module = types.ModuleType("kernelhib_benchmark_namespace")
+    module.__dict__.update((n, ns[n]) for n in names)
+    started = time.perf_counter()
+    dill.dump_module(path, module=module, refimported=True)
+    dumped = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {
+        "names": sorted(names), "dump_s": dumped - started,
+        "fsync_s": time.perf_counter() - dumped, "file_bytes": os.path.getsize(path),
+        "protocol": dill.settings["protocol"], "dill": dill.__version__,
+    }
+
+def load(path, digest):
+    started = time.perf_counter()
+    module = dill.load_module(path)
+    load_s = time.perf_counter() - started
+    names = sorted(n for n in vars(module) if not n.startswith("__"))
+    scope = {"data": module.data, "hashlib": hashlib}
+    intact = eval(digest, scope) == get_ipython().user_ns["digest"]
+    del module, scope
+    os.unlink(path)
+    return {"load_s": load_s, "intact": intact, "names": names}
+"""
+
+
+def plain_dill(channel: KernelChannel, call: str) -> Any:
+    """Call a function of PLAIN_DILL_SOURCE in the kernel, e.g. ``call="dump('/x')"``."""
+    run = f"(lambda ns: (exec({PLAIN_DILL_SOURCE!r}, ns), eval({call!r}, ns))[1])"
+    return channel.evaluate(f"__import__('json').dumps({run}({{'__name__': 'kernelhib_bench'}}))")
+
+
+def hibernate_and_wake(
+    server: JupyterServer, kernel_id: str, channel: KernelChannel, engine: str, drop: bool
+) -> dict[str, Any]:
+    """One hibernation with ``engine`` and one wake, timed; memory measured around them."""
+    pids = kernel_pids(kernel_id)
+    memory = rss_bytes(pids)
+    drop_caches(drop)
+    available = mem_available()
+    server_rss = rss_bytes([server.process.pid])["rss"]
+    others = others_rss(pids)
+    started = time.perf_counter()
+    model = server.request("POST", f"api/kernels/{kernel_id}/hibernate", {"engine": engine})
+    hibernate_s = time.perf_counter() - started
+    time.sleep(0.5)  # let the freed memory show in /proc/meminfo
+    freed_cached = mem_available() - available
+    drop_caches(drop)
+    freed = mem_available() - available
+    server_growth = rss_bytes([server.process.pid])["rss"] - server_rss
+    others_growth = others_rss(pids) - others
+    hibernation = model["hibernation"]
+    if model["execution_state"] != "hibernated" or kernel_pids(kernel_id):
+        raise BenchmarkError(f"the kernel still runs after hibernation: {model}")
+    if hibernation.get("engine") != engine:
+        raise BenchmarkError(f"asked for {engine}, the server used: {hibernation}")
+    image = Path(server.image_dir) / kernel_id
+    criu = _criu_dump_stats(image) if engine == "criu" else {}
+    files = {p.name: p.stat().st_size for p in image.rglob("*") if p.is_file()}
+
+    drop_caches(drop)
+    started = time.perf_counter()
+    model = server.request("POST", f"api/kernels/{kernel_id}/wake")
+    wake_post_s = time.perf_counter() - started
+    channel.execute("1+1")
+    wake_s = time.perf_counter() - started
+    if model.get("hibernation"):
+        raise BenchmarkError(f"the kernel did not wake: {model}")
+    return {
+        "engine": engine,
+        "hibernate_s": hibernate_s,
+        "hibernate_server_s": hibernation["seconds"],
+        "criu_dump_s": criu.get("frozen_time"),
+        "criu_dump_stats_s": criu,
+        "wake_s": wake_s,
+        "wake_post_s": wake_post_s,
+        "image_bytes": hibernation["image_bytes"],
+        "image_files": files,
+        "lost": hibernation.get("lost", []),
+        "rss_bytes": memory["rss"],
+        "rss_anon_bytes": memory["anon"],
+        "rss_file_bytes": memory["file"],
+        "rss_shmem_bytes": memory["shmem"],
+        "freed_bytes_reported": hibernation["freed_bytes"],
+        "mem_available_gain_bytes": freed,
+        "mem_available_gain_image_cached_bytes": freed_cached,
+        "server_rss_growth_bytes": server_growth,
+        "others_rss_growth_bytes": others_growth,
+        "freed_bytes": freed + others_growth,
+        "rss_after_wake_bytes": rss_bytes(kernel_pids(kernel_id))["rss"],
+        "kernel_processes": len(pids),
+    }
+
+
+def plain_dill_run(
+    channel: KernelChannel, workload: Workload, path: Path, drop: bool
+) -> dict[str, Any]:
+    """dill.dump_module (then fsync) and, from a cold page cache, dill.load_module, in the
+    kernel; the loaded copy is checked against the kernel's data and dropped."""
+    need = 3 * (workload.bytes or 0) + GIB
+    if mem_available() < need:
+        return {"skipped": f"less than {_size(need)} of memory available"}
+    result = plain_dill(channel, f"dump({str(path)!r})")
+    drop_caches(drop)
+    result.update(plain_dill(channel, f"load({str(path)!r}, {workload.digest!r})"))
+    if not result["intact"]:
+        raise BenchmarkError(f"dill.load_module did not give back the same data: {result}")
+    return result
+
+
 def bench_size(
     server: JupyterServer,
-    size: int,
+    workload: Workload,
     runs: int,
+    engines: list[str],
     workdir: Path,
-    image_dir: Path,
     drop: bool,
 ) -> dict[str, Any]:
-    """Hibernate/wake runs, file I/O baselines and restarts for one size."""
-    label = f"{size / GIB:g} GiB"
-    chunk = os.urandom(min(CHUNK, size))
+    """For one workload: per run the I/O baselines, each engine's hibernate/wake and plain
+    dill; then restarts."""
+    label, size = workload.name, workload.bytes
+    chunk = os.urandom(min(CHUNK, size)) if size else b""
     baseline_file = workdir / "baseline.bin"
-    result: dict[str, Any] = {"bytes": size, "runs": [], "restarts": [], "baseline": []}
+    pickle_file = workdir / "namespace.pkl"
+    result: dict[str, Any] = {
+        "workload": workload.kind,
+        "label": label,
+        "bytes": size,
+        "runs": [],
+        "dill_runs": [],
+        "plain_dill": [],
+        "restarts": [],
+        "baseline": [],
+    }
 
     print(f"[{label}] starting a kernel and computing the data", flush=True)
     kernel_id = server.start_kernel()
@@ -431,91 +647,56 @@ def bench_size(
     try:
         channel.execute("1+1", timeout=120)
         started = time.perf_counter()
-        channel.execute(fill_code(size))
+        channel.execute(workload.fill)
         result["fill_s"] = time.perf_counter() - started
-        channel.execute("import hashlib\ndigest = hashlib.sha256(data).hexdigest()")
+        channel.execute(f"import hashlib\ndigest = {workload.digest}")
+        result["rss_filled"] = rss_bytes(kernel_pids(kernel_id))
 
         for run in range(runs):
-            drop_caches(drop)
-            write_s = write_file(baseline_file, size, chunk)
-            drop_caches(drop)
-            read_s = read_file(baseline_file)
-            drop_caches(drop)
-            read_sha_s = read_file(baseline_file, digest=True)
-            baseline_file.unlink()
-            baseline = {
-                "write_s": write_s,
-                "read_s": read_s,
-                "read_sha256_s": read_sha_s,
-                "sha256_s": sha256_seconds(size, chunk),
-            }
-            result["baseline"].append(baseline)
+            line = f"[{label}] run {run + 1}/{runs}:"
+            if size:
+                drop_caches(drop)
+                write_s = write_file(baseline_file, size, chunk)
+                drop_caches(drop)
+                read_s = read_file(baseline_file)
+                drop_caches(drop)
+                read_blake3_s = read_file(baseline_file, digest=True)
+                baseline_file.unlink()
+                result["baseline"].append(
+                    {
+                        "write_s": write_s,
+                        "read_s": read_s,
+                        "read_blake3_s": read_blake3_s,
+                        "blake3_s": blake3_seconds(size, chunk),
+                    }
+                )
+                line += f" write {write_s:.2f} s, read {read_s:.2f} s;"
+            for engine in engines:
+                measured = hibernate_and_wake(server, kernel_id, channel, engine, drop)
+                result["runs" if engine == "criu" else "dill_runs"].append(measured)
+                line += (
+                    f" {engine} hibernate {measured['hibernate_s']:.2f} s, "
+                    f"wake {measured['wake_s']:.2f} s, "
+                    f"image {measured['image_bytes'] / MIB:.0f} MiB, "
+                    f"freed {measured['freed_bytes'] / MIB:.0f} of "
+                    f"{measured['rss_bytes'] / MIB:.0f} MiB RSS;"
+                )
+                if measured["lost"]:
+                    raise BenchmarkError(f"the dill engine lost variables: {measured['lost']}")
+            if "dill" in engines:
+                plain = plain_dill_run(channel, workload, pickle_file, drop)
+                result["plain_dill"].append(plain)
+                if "skipped" in plain:
+                    line += f" plain dill skipped: {plain['skipped']}"
+                else:
+                    line += (
+                        f" dump_module {plain['dump_s']:.2f} s + fsync {plain['fsync_s']:.2f} s, "
+                        f"load_module {plain['load_s']:.2f} s, "
+                        f"file {plain['file_bytes'] / MIB:.0f} MiB"
+                    )
+            print(line, flush=True)
 
-            pids = kernel_pids(kernel_id)
-            memory = rss_bytes(pids)
-            rss = memory["rss"]
-            drop_caches(drop)
-            available = mem_available()
-            server_rss = rss_bytes([server.process.pid])["rss"]
-            others = others_rss(pids)
-            started = time.perf_counter()
-            model = server.request("POST", f"api/kernels/{kernel_id}/hibernate")
-            hibernate_s = time.perf_counter() - started
-            time.sleep(0.5)  # let the freed memory show in /proc/meminfo
-            freed_cached = mem_available() - available
-            drop_caches(drop)
-            freed = mem_available() - available
-            server_growth = rss_bytes([server.process.pid])["rss"] - server_rss
-            others_growth = others_rss(pids) - others
-            hibernation = model["hibernation"]
-            if model["execution_state"] != "hibernated" or kernel_pids(kernel_id):
-                raise BenchmarkError(f"the kernel still runs after hibernation: {model}")
-            criu = _criu_dump_stats(image_dir / kernel_id)
-
-            drop_caches(drop)
-            started = time.perf_counter()
-            model = server.request("POST", f"api/kernels/{kernel_id}/wake")
-            wake_post_s = time.perf_counter() - started
-            channel.execute("1+1")
-            wake_s = time.perf_counter() - started
-            if model.get("hibernation"):
-                raise BenchmarkError(f"the kernel did not wake: {model}")
-
-            rss_woken = rss_bytes(kernel_pids(kernel_id))["rss"]
-            measured = {
-                "hibernate_s": hibernate_s,
-                "hibernate_server_s": hibernation["seconds"],
-                "criu_dump_s": criu.get("frozen_time"),
-                "criu_dump_stats_s": criu,
-                "wake_s": wake_s,
-                "wake_post_s": wake_post_s,
-                "image_bytes": hibernation["image_bytes"],
-                "rss_bytes": rss,
-                "rss_anon_bytes": memory["anon"],
-                "rss_file_bytes": memory["file"],
-                "rss_shmem_bytes": memory["shmem"],
-                "freed_bytes_reported": hibernation["freed_bytes"],
-                "mem_available_gain_bytes": freed,
-                "mem_available_gain_image_cached_bytes": freed_cached,
-                "server_rss_growth_bytes": server_growth,
-                "others_rss_growth_bytes": others_growth,
-                "freed_bytes": freed + others_growth,
-                "rss_after_wake_bytes": rss_woken,
-                "kernel_processes": len(pids),
-            }
-            result["runs"].append(measured)
-            print(
-                f"[{label}] run {run + 1}/{runs}: hibernate {hibernate_s:.2f} s "
-                f"(write {write_s:.2f} s), wake {wake_s:.2f} s (read {read_s:.2f} s), "
-                f"image {hibernation['image_bytes'] / MIB:.0f} MiB, "
-                f"freed {(freed + others_growth) / MIB:.0f} of {rss / MIB:.0f} MiB RSS "
-                f"(MemAvailable {freed / MIB:+.0f}, other processes {others_growth / MIB:+.0f})",
-                flush=True,
-            )
-
-        intact = channel.execute(
-            "assert hashlib.sha256(data).hexdigest() == digest, 'data changed'"
-        )
+        intact = channel.execute(f"assert {workload.digest} == digest, 'data changed'")
         result["data_intact"] = intact["status"] == "ok"
 
         for run in range(runs):
@@ -524,7 +705,7 @@ def bench_size(
             server.request("POST", f"api/kernels/{kernel_id}/restart")
             restart_post_s = time.perf_counter() - started
             channel = KernelChannel(server, kernel_id)
-            reply = channel.execute(fill_code(size))
+            reply = channel.execute(workload.fill)
             restart_s = time.perf_counter() - started
             if reply["execution_count"] != 1:
                 raise BenchmarkError(f"the kernel did not restart: {reply}")
@@ -535,7 +716,8 @@ def bench_size(
         with contextlib.suppress(Exception):
             server.shutdown_kernel(kernel_id)
         baseline_file.unlink(missing_ok=True)
-        shutil.rmtree(image_dir / kernel_id, ignore_errors=True)
+        pickle_file.unlink(missing_ok=True)
+        shutil.rmtree(Path(server.image_dir) / kernel_id, ignore_errors=True)
         drop_caches(drop)
 
     result["load_average"] = os.getloadavg()
@@ -543,50 +725,93 @@ def bench_size(
     return result
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Medians, worst cases and the ratios checked against the targets."""
-    runs, baseline = result["runs"], result["baseline"]
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(row[key] for row in rows)
 
-    def median(rows: list[dict[str, Any]], key: str) -> float:
-        return statistics.median(row[key] for row in rows)
 
+def _engine_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     wake = [run["wake_s"] for run in runs]
     freed = [run["freed_bytes"] / run["rss_bytes"] for run in runs]
-    summary = {
-        "hibernate_median_s": median(runs, "hibernate_s"),
+    return {
+        "hibernate_median_s": _median(runs, "hibernate_s"),
         "hibernate_worst_s": max(run["hibernate_s"] for run in runs),
+        "hibernate_server_median_s": _median(runs, "hibernate_server_s"),
         "wake_median_s": statistics.median(wake),
         "wake_worst_s": max(wake),
-        "wake_post_median_s": median(runs, "wake_post_s"),
-        "write_median_s": median(baseline, "write_s"),
-        "read_median_s": median(baseline, "read_s"),
-        "read_sha256_median_s": median(baseline, "read_sha256_s"),
-        "sha256_median_s": median(baseline, "sha256_s"),
-        "restart_median_s": median(result["restarts"], "restart_s"),
-        "restart_worst_s": max(row["restart_s"] for row in result["restarts"]),
-        "image_bytes": int(median(runs, "image_bytes")),
-        "rss_bytes": int(median(runs, "rss_bytes")),
-        "mem_available_gain_bytes": int(median(runs, "mem_available_gain_bytes")),
-        "freed_bytes": int(median(runs, "freed_bytes")),
+        "wake_post_median_s": _median(runs, "wake_post_s"),
+        "image_bytes": int(_median(runs, "image_bytes")),
+        "rss_bytes": int(_median(runs, "rss_bytes")),
+        "private_rss_bytes": int(
+            statistics.median(run["rss_anon_bytes"] + run["rss_shmem_bytes"] for run in runs)
+        ),
+        "mem_available_gain_bytes": int(_median(runs, "mem_available_gain_bytes")),
+        "freed_bytes": int(_median(runs, "freed_bytes")),
+        "freed_bytes_reported": int(_median(runs, "freed_bytes_reported")),
+        "freed_vs_rss": statistics.median(freed),
+        "freed_vs_rss_worst": min(freed),
+        "worst_vs_median_wake": max(wake) / statistics.median(wake),
         "criu_dump_median_s": (
             statistics.median(d for run in runs if (d := run["criu_dump_s"]) is not None)
             if any(run["criu_dump_s"] is not None for run in runs)
             else None
         ),
     }
-    summary["ratios"] = {
-        "hibernate_vs_write": summary["hibernate_median_s"] / summary["write_median_s"],
-        "wake_vs_read": summary["wake_median_s"] / summary["read_median_s"],
-        "freed_vs_rss": statistics.median(freed),
-        "freed_vs_rss_worst": min(freed),
-        "worst_vs_median_wake": summary["wake_worst_s"] / summary["wake_median_s"],
-        "restart_vs_wake": summary["restart_median_s"] / summary["wake_median_s"],
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Medians, worst cases and the ratios checked against the targets (CRIU), and the
+    dill engine and plain dill next to CRIU."""
+    runs, baseline = result["runs"], result["baseline"]
+    summary: dict[str, Any] = {
+        "restart_median_s": _median(result["restarts"], "restart_s"),
+        "restart_worst_s": max(row["restart_s"] for row in result["restarts"]),
+        "restart_post_median_s": _median(result["restarts"], "restart_post_s"),
     }
-    summary["targets_met"] = {
-        name: (value <= limit if at_most else value >= limit)
-        for name, (limit, at_most) in TARGETS.items()
-        for value in [summary["ratios"][name]]
-    }
+    if baseline:
+        summary.update(
+            write_median_s=_median(baseline, "write_s"),
+            read_median_s=_median(baseline, "read_s"),
+            read_blake3_median_s=_median(baseline, "read_blake3_s"),
+            blake3_median_s=_median(baseline, "blake3_s"),
+        )
+    if runs:
+        summary.update(_engine_summary(runs))
+        summary["ratios"] = {
+            "freed_vs_rss": summary["freed_vs_rss"],
+            "freed_vs_rss_worst": summary["freed_vs_rss_worst"],
+            "worst_vs_median_wake": summary["worst_vs_median_wake"],
+            "restart_vs_wake": summary["restart_median_s"] / summary["wake_median_s"],
+        }
+        if baseline:
+            summary["ratios"].update(
+                hibernate_vs_write=summary["hibernate_median_s"] / summary["write_median_s"],
+                wake_vs_read=summary["wake_median_s"] / summary["read_median_s"],
+            )
+        summary["targets_met"] = {
+            name: (value <= limit if at_most else value >= limit)
+            for name, (limit, at_most) in TARGETS.items()
+            if (value := summary["ratios"].get(name)) is not None
+        }
+    if result.get("dill_runs"):
+        dill = summary["dill"] = _engine_summary(result["dill_runs"])
+        if runs:
+            dill["hibernate_vs_criu"] = dill["hibernate_median_s"] / summary["hibernate_median_s"]
+            dill["wake_vs_criu"] = dill["wake_median_s"] / summary["wake_median_s"]
+            dill["image_vs_criu"] = dill["image_bytes"] / summary["image_bytes"]
+        if baseline:
+            dill["hibernate_vs_write"] = dill["hibernate_median_s"] / summary["write_median_s"]
+            dill["wake_vs_read"] = dill["wake_median_s"] / summary["read_median_s"]
+    plain = [row for row in result.get("plain_dill", []) if "skipped" not in row]
+    if plain:
+        summary["plain_dill"] = {
+            "dump_median_s": _median(plain, "dump_s"),
+            "fsync_median_s": _median(plain, "fsync_s"),
+            "dump_fsync_median_s": statistics.median(r["dump_s"] + r["fsync_s"] for r in plain),
+            "load_median_s": _median(plain, "load_s"),
+            "file_bytes": int(_median(plain, "file_bytes")),
+            "protocol": plain[0]["protocol"],
+            "names": plain[0]["names"],
+        }
     return summary
 
 
@@ -601,23 +826,41 @@ def _mark(met: bool) -> str:
     return "yes" if met else "**no**"
 
 
+def _label(row: dict[str, Any]) -> str:
+    return str(row.get("label") or f"{row['bytes'] / GIB:g} GiB")
+
+
+NONE = "n/a"
+
+
+def _s(value: float | None, digits: int = 2) -> str:
+    return NONE if value is None else f"{value:.{digits}f} s"
+
+
+def _x(value: float | None) -> str:
+    return NONE if value is None else f"{value:.2f}"
+
+
 def tables(report: dict[str, Any]) -> str:
     """The results as Markdown tables (also readable on a terminal)."""
     sizes = report["sizes"]
+    criu = [row for row in sizes if row["runs"]]
     lines = [
+        '**CRIU** (`{"engine": "criu"}`):',
+        "",
         "| Data | Runs | Hibernate median / worst | Write + fsync | Wake to 1st reply "
         "median / worst | Cold read | Restart + recompute | Image | Kernel RSS "
         "| Memory freed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sizes:
+    for row in criu:
         s = row["summary"]
         lines.append(
-            f"| {row['bytes'] / GIB:g} GiB | {len(row['runs'])} "
+            f"| {_label(row)} | {len(row['runs'])} "
             f"| {s['hibernate_median_s']:.2f} / {s['hibernate_worst_s']:.2f} s "
-            f"| {s['write_median_s']:.2f} s "
+            f"| {_s(s.get('write_median_s'))} "
             f"| {s['wake_median_s']:.2f} / {s['wake_worst_s']:.2f} s "
-            f"| {s['read_median_s']:.2f} s "
+            f"| {_s(s.get('read_median_s'))} "
             f"| {s['restart_median_s']:.2f} s "
             f"| {_size(s['image_bytes'])} | {_size(s['rss_bytes'])} "
             f"| {_size(s['freed_bytes'])} |"
@@ -628,36 +871,86 @@ def tables(report: dict[str, Any]) -> str:
         "(≥ 95 %) | Worst / median wake (≤ 2) | Restart + recompute / wake |",
         "|---|---|---|---|---|---|",
     ]
-    for row in sizes:
+    for row in criu:
         r, met = row["summary"]["ratios"], row["summary"]["targets_met"]
+
+        def target(name: str, r: dict[str, float] = r, met: dict[str, bool] = met) -> str:
+            return f"{r[name]:.2f} ({_mark(met[name])})" if name in r else NONE
+
         lines.append(
-            f"| {row['bytes'] / GIB:g} GiB "
-            f"| {r['hibernate_vs_write']:.2f} ({_mark(met['hibernate_vs_write'])}) "
-            f"| {r['wake_vs_read']:.2f} ({_mark(met['wake_vs_read'])}) "
+            f"| {_label(row)} "
+            f"| {target('hibernate_vs_write')} | {target('wake_vs_read')} "
             f"| {r['freed_vs_rss']:.1%}, worst {r['freed_vs_rss_worst']:.1%} "
             f"({_mark(met['freed_vs_rss'])}) "
-            f"| {r['worst_vs_median_wake']:.2f} ({_mark(met['worst_vs_median_wake'])}) "
+            f"| {target('worst_vs_median_wake')} "
             f"| {r['restart_vs_wake']:.1f}x |"
         )
     lines += [
         "",
-        "Where the time goes (medians):",
+        "Where CRIU's time goes (medians):",
         "",
-        "| Data | CRIU dump | Rest of hibernate (fsync, SHA-256, manifest) | SHA-256 in memory "
-        "| Cold read + SHA-256 | Wake request | First reply after wake request |",
+        "| Data | CRIU dump | Rest of hibernate (BLAKE3, fsync, evict, manifest) "
+        "| BLAKE3 in memory | Cold read + BLAKE3 | Wake request | First reply after wake request |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in sizes:
+    for row in criu:
         s = row["summary"]
         server_s = statistics.median(run["hibernate_server_s"] for run in row["runs"])
         dump = s["criu_dump_median_s"]
         lines.append(
-            f"| {row['bytes'] / GIB:g} GiB "
-            f"| {f'{dump:.2f} s' if dump is not None else 'n/a'} "
-            f"| {f'{server_s - dump:.2f} s' if dump is not None else 'n/a'} "
-            f"| {s['sha256_median_s']:.2f} s | {s['read_sha256_median_s']:.2f} s "
+            f"| {_label(row)} "
+            f"| {_s(dump)} | {_s(None if dump is None else server_s - dump)} "
+            f"| {_s(s.get('blake3_median_s', s.get('sha256_median_s')))} "
+            f"| {_s(s.get('read_blake3_median_s', s.get('read_sha256_median_s')))} "
             f"| {s['wake_post_median_s']:.2f} s "
             f"| {s['wake_median_s'] - s['wake_post_median_s']:.2f} s |"
+        )
+    dill = [row for row in sizes if "dill" in row["summary"] or "plain_dill" in row["summary"]]
+    if not dill:
+        return "\n".join(lines)
+    lines += [
+        "",
+        '**dill engine** (`{"engine": "dill"}`) and **plain dill** '
+        "(`dill.dump_module` / `dill.load_module` in the kernel), same kernel and runs:",
+        "",
+        "| Data | dill hibernate median / worst | dill wake to 1st reply median / worst "
+        "| dill image | Freed / RSS, median | Plain `dump_module` + fsync | Plain "
+        "`load_module` (cold) | Plain dill file |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in dill:
+        d, p = row["summary"].get("dill"), row["summary"].get("plain_dill")
+        engine = (
+            f"| {d['hibernate_median_s']:.2f} / {d['hibernate_worst_s']:.2f} s "
+            f"| {d['wake_median_s']:.2f} / {d['wake_worst_s']:.2f} s "
+            f"| {_size(d['image_bytes'])} | {d['freed_vs_rss']:.1%} "
+            if d
+            else f"| {NONE} | {NONE} | {NONE} | {NONE} "
+        )
+        plain = (
+            f"| {p['dump_median_s']:.2f} + {p['fsync_median_s']:.2f} s "
+            f"| {p['load_median_s']:.2f} s | {_size(p['file_bytes'])} |"
+            if p
+            else f"| skipped | skipped | {NONE} |"
+        )
+        lines.append(f"| {_label(row)} " + engine + plain)
+    lines += [
+        "",
+        "Ratios, medians of the same run (below 1: the first is faster or smaller):",
+        "",
+        "| Data | dill / CRIU hibernate | dill / CRIU wake | dill / CRIU image "
+        "| dill hibernate / write | dill wake / read | dill hibernate / plain dump + fsync "
+        "| dill wake / plain load |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in dill:
+        d, p = row["summary"].get("dill") or {}, row["summary"].get("plain_dill")
+        lines.append(
+            f"| {_label(row)} | {_x(d.get('hibernate_vs_criu'))} | {_x(d.get('wake_vs_criu'))} "
+            f"| {_x(d.get('image_vs_criu'))} | {_x(d.get('hibernate_vs_write'))} "
+            f"| {_x(d.get('wake_vs_read'))} "
+            f"| {_x(d['hibernate_median_s'] / p['dump_fsync_median_s'] if d and p else None)} "
+            f"| {_x(d['wake_median_s'] / p['load_median_s'] if d and p else None)} |"
         )
     return "\n".join(lines)
 
@@ -666,6 +959,10 @@ def _code_text(report: dict[str, Any]) -> str:
     code = report.get("code") or {}
     if not code.get("commit"):
         return ""
+    if code.get("kernelhib_path"):
+        return (
+            f" (imported from `{code['kernelhib_path']}`; the repository was at {code['commit']})"
+        )
     dirty = " plus uncommitted changes to kernelhib/" if code.get("kernelhib_modified") else ""
     return f" (commit {code['commit']}{dirty})"
 
@@ -722,11 +1019,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--runs", type=int, nargs="+", metavar="N",
         help="hibernate/wake runs (and restarts): one count for all sizes, or one per size "
-        "(default: 5, and 3 from 4 GiB up)",
+        "(default: 5, and 3 from 4 GiB up; the objects kernel gets the one count, else 5)",
     )  # fmt: skip
     parser.add_argument(
-        "--quick", action="store_true", help="smoke check: 0.1 GiB, 2 runs, no Markdown"
-    )
+        "--objects", type=int, default=1_000_000, metavar="N",
+        help="also a kernel holding a dict of N str keys to int values (many small objects, "
+        "where dill's pure-Python pickler is slow); 0: none (default: 1000000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engines", nargs="+", choices=["criu", "dill"], default=["criu", "dill"],
+        help="engines to run, in this order in each run; with dill, plain dill.dump_module "
+        "is measured too (default: criu dill)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="smoke check: 0.1 GiB, 2 runs, both engines, no objects, no Markdown",
+    )  # fmt: skip
     parser.add_argument(
         "--dir", type=Path, default=Path("/var/tmp"),
         help="where to put images and baseline files: the disk being measured "
@@ -747,13 +1055,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.runs, args.markdown = [0.1], [2], None
+        args.sizes, args.runs, args.markdown, args.objects = [0.1], [2], None, 0
+    objects_runs = args.runs[0] if args.runs and len(args.runs) == 1 else 5
     if args.runs is None:
         args.runs = [5 if s < 4 else 3 for s in args.sizes]
     elif len(args.runs) == 1:
         args.runs = args.runs * len(args.sizes)
     if len(args.runs) != len(args.sizes) or min(args.runs) < 1:
         parser.error("--runs takes one positive count, or one per size")
+    args.workloads = [numpy_workload(size) for size in args.sizes]
+    if args.objects > 0:
+        args.workloads.append(objects_workload(args.objects))
+        args.runs.append(objects_runs)
     return args
 
 
@@ -800,15 +1113,17 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(workdir),
         "work_dir": str(workdir),
         "caches_dropped": drop,
+        "engines": args.engines,
         "sizes": [],
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     try:
         with running_server(workdir, image_dir) as server:
-            report["warmup"] = server.warm_up()
-            for size_gib, runs in zip(args.sizes, args.runs, strict=True):
-                size = int(size_gib * GIB) // 8 * 8
-                report["sizes"].append(bench_size(server, size, runs, workdir, image_dir, drop))
+            report["warmup"] = server.warm_up(args.engines)
+            for workload, runs in zip(args.workloads, args.runs, strict=True):
+                report["sizes"].append(
+                    bench_size(server, workload, runs, args.engines, workdir, drop)
+                )
                 args.json.write_text(json.dumps(report, indent=1) + "\n")
     finally:
         if not args.keep:
