@@ -73,6 +73,10 @@ _FILE_BACKENDS = frozenset({"agg", "cairo", "pdf", "pgf", "ps", "svg", "template
 _Key = tuple[str, Any]
 
 
+# Types that can neither be refused nor need numpy's reduction.
+_PLAIN = frozenset({int, float, complex, str, bytes, bool, type(None), tuple, list, dict, set})
+
+
 class _Refused(Exception):
     """An object that must never be written to a snapshot was reached."""
 
@@ -121,6 +125,8 @@ class _Pickler(dill.Pickler):
         self._main = main
 
     def reducer_override(self, obj: object) -> Any:
+        if type(obj) in _PLAIN:  # most objects of a big namespace: skip the checks
+            return NotImplemented
         reason = _refusal(obj)
         if reason:
             raise _Refused(obj, reason)
