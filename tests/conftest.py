@@ -14,8 +14,8 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -232,8 +232,9 @@ class ServerProcess:
         self.image_dir = Path(env["JUPYTER_DATA_DIR"]) / "kernelhib" / "images"
         self.channels: list[KernelChannel] = []
         command = [
-            *runner, sys.executable, "-m", "jupyter_server", "--ip=127.0.0.1", f"--port={self.port}",
-            "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
+            *runner, sys.executable, "-m", "jupyter_server",
+            "--ip=127.0.0.1", f"--port={self.port}", "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
             "--ServerApp.open_browser=False", "--allow-root", f"--ServerApp.root_dir={cwd}",
             *args,
         ]  # fmt: skip
