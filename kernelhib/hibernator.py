@@ -283,7 +283,8 @@ class KernelHibernator(LoggingConfigurable):
         if record.state != "running":
             raise Conflict(f"kernel {kernel_id} is {record.state}")
         requested = (engine or self.engine).lower()
-        chosen, fallback = self.choose_engine(requested, km.provisioner)
+        # Off the event loop: the first look for CRIU runs `criu check`.
+        chosen, fallback = await asyncio.to_thread(self.choose_engine, requested, km.provisioner)
         busy = km.execution_state == "busy"
         if busy and not force:
             raise Conflict(
@@ -343,6 +344,7 @@ class KernelHibernator(LoggingConfigurable):
         meta: dict[str, Any] = {
             "engine": engine.name,
             "kernel_name": km.kernel_name,
+            "pid": provisioner.pid,
             "execution_state": km.execution_state,
             "cwd": str(getattr(provisioner, "cwd", "") or ""),
             "connection": _json_connection_info(km),
