@@ -15,3 +15,10 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from .app import KernelHibernatorApp
 
     return [{"module": "kernelhib", "app": KernelHibernatorApp}]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext kernelhib``: ``%hibernate``, imported only now to keep kernels light."""
+    from .magic import load_ipython_extension as load
+
+    load(ipython)

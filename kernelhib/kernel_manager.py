@@ -7,15 +7,19 @@ the user shuts it down or restarts it.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 from datetime import datetime, timezone
 from typing import Any
 
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
-from traitlets import Instance, default
+from traitlets import Dict, Instance, default
 
-from .hibernator import KernelHibernator
+from .hibernate_requests import HibernateRequests
+from .hibernator import KernelHibernator, NoEngine
+from .magic import STATUS_ENV
 from .provisioner import HibernatingProvisioner
 
 
@@ -23,6 +27,8 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
     """The server's kernel manager, with a :class:`KernelHibernator` beside it."""
 
     hibernator = Instance(KernelHibernator)
+    # Kernel id -> the watcher that carries out its %hibernate requests.
+    hibernate_requests = Dict()
 
     @default("hibernator")
     def _default_hibernator(self) -> KernelHibernator:
@@ -43,6 +49,49 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
         if self.hibernator.is_hibernated(kernel_id):
             return
         await super().cull_kernel_if_idle(kernel_id)
+
+    async def _async_start_kernel(  # type:ignore[override]
+        self, *, kernel_id: str | None = None, path: str | None = None, **kwargs: Any
+    ) -> str:
+        if kernel_id is None or kernel_id not in self:
+            # The id is chosen here so that the kernel can be told it.
+            kernel_id = kernel_id or self.new_kernel_id()
+            status = await self._status_at_start(kernel_id, kwargs.get("kernel_name"))
+            kwargs["env"] = {**(kwargs.get("env") or os.environ), STATUS_ENV: json.dumps(status)}
+        return await super()._async_start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+
+    async def _status_at_start(self, kernel_id: str, kernel_name: str | None) -> dict[str, str]:
+        """What ``%hibernate --status`` prints in the kernel: the engine, and why.
+
+        The provisioner decides only at launch whether CRIU can restore the
+        kernel (a kernel on the ipc transport cannot); this is the status as
+        far as the server knows before that.
+        """
+        spec = self.kernel_spec_manager.get_kernel_spec(kernel_name or self.default_kernel_name)
+        provisioner = KernelProvisionerFactory.instance(parent=self).create_provisioner_instance(
+            kernel_id, spec, parent=self
+        )
+        setting = f"KernelHibernator.engine is {self.hibernator.engine!r}"
+        try:
+            engine, fallback = await asyncio.to_thread(
+                self.hibernator.choose_engine, "", provisioner
+            )
+        except NoEngine as exc:
+            return {"kernel_id": kernel_id, "engine": "", "why": f"{setting}, but {exc}"}
+        why = fallback or (await asyncio.to_thread(engine.availability)).detail
+        return {"kernel_id": kernel_id, "engine": engine.name, "why": f"{setting}; {why}"}
+
+    def start_watching_activity(self, kernel_id: str) -> None:
+        super().start_watching_activity(kernel_id)
+        self.hibernate_requests[kernel_id] = HibernateRequests(
+            self.hibernator, kernel_id, self.get_kernel(kernel_id)
+        )
+
+    def stop_watching_activity(self, kernel_id: str) -> None:
+        requests = self.hibernate_requests.pop(kernel_id, None)
+        if requests is not None:
+            requests.close()
+        super().stop_watching_activity(kernel_id)
 
     async def _async_shutdown_kernel(
         self, kernel_id: str, now: bool = False, restart: bool = False
@@ -65,6 +114,7 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
                 self.release(kernel_id)
         await super()._async_shutdown_all(now=now)
 
+    start_kernel = _async_start_kernel  # type:ignore[assignment]
     shutdown_kernel = _async_shutdown_kernel
     restart_kernel = _async_restart_kernel
     shutdown_all = _async_shutdown_all
@@ -104,6 +154,9 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
             raise ValueError(f"kernelspec {manifest['kernel_name']!r} uses another provisioner")
         km.provisioner.adopt(connection, manifest.get("cwd"))
         km.ready.set_result(None)
+        # As if started here: shutting it down then gets a fresh `ready` future
+        # instead of failing to set this done one again.
+        km._attempted_start = True
         km.execution_state = "hibernated"
         km.reason = ""
         km.last_activity = datetime.fromtimestamp(manifest["created"], timezone.utc)

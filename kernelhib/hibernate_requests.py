@@ -1,0 +1,88 @@
+"""Carry out ``%hibernate``: watch a kernel's IOPub for its request, hibernate once idle.
+
+The magic opens a comm with target ``kernelhib`` (see :mod:`kernelhib.magic`).
+Its ``comm_open`` has the requesting cell as parent; when that cell's
+``status: idle`` arrives, the kernel is hibernated as soon as its IOPub has
+been quiet for :data:`SETTLE_S`. The wait is for front ends: JupyterLab
+answers a comm_open for a target it does not know with a comm_close on the
+shell channel, which would wake a kernel hibernated before it arrived. Cells
+queued behind the requesting one run first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from jupyter_client.manager import KernelManager
+from jupyter_client.session import Session
+
+from .magic import COMM_TARGET
+
+if TYPE_CHECKING:
+    from .hibernator import KernelHibernator
+
+SETTLE_S = 1.0
+
+
+class HibernateRequests:
+    """Watches one kernel's IOPub for ``%hibernate`` and hibernates it when it is asked to."""
+
+    def __init__(self, hibernator: KernelHibernator, kernel_id: str, km: KernelManager) -> None:
+        self.hibernator = hibernator
+        self.kernel_id = kernel_id
+        self.km = km
+        self._session = Session(config=km.session.config, key=km.session.key)
+        self._asked_by: str | None = None  # msg_id of the cell that ran %hibernate
+        self._settling: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+        # A SUB socket of our own: after a CRIU wake ZMQ reconnects it by itself.
+        self._stream = km.connect_iopub()
+        self._stream.on_recv(self._on_iopub)
+
+    def close(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
+        if not self._stream.closed():
+            self._stream.close()
+
+    def _on_iopub(self, msg_list: list[bytes]) -> None:
+        _, fed = self._session.feed_identities(msg_list)
+        msg = self._session.deserialize(fed, content=False)
+        msg_type = msg["header"]["msg_type"]
+        if self._settling is not None:
+            self._settle()  # not quiet yet
+        if msg_type not in ("comm_open", "status"):
+            return
+        content = self._session.unpack(msg["content"])
+        parent = msg["parent_header"].get("msg_id")
+        if msg_type == "comm_open" and content.get("target_name") == COMM_TARGET:
+            self._asked_by = parent
+            self.hibernator.log.info("Kernel %s asked to hibernate after its cell", self.kernel_id)
+        elif content.get("execution_state") == "idle" and parent == self._asked_by:
+            self._asked_by = None
+            self._settle()
+
+    def _settle(self) -> None:
+        """(Re)start the quiet period after which the kernel hibernates."""
+        if self._settling is not None:
+            self._settling.cancel()
+        self._settling = asyncio.get_running_loop().call_later(SETTLE_S, self._quiet)
+
+    def _quiet(self) -> None:
+        if self.km.execution_state == "busy":
+            # A queued cell runs, silently so far: its status idle settles again.
+            return
+        self._settling = None
+        task = asyncio.ensure_future(self._hibernate())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _hibernate(self) -> None:
+        # The magic already told the user what would happen; the log says how it went.
+        try:
+            await self.hibernator.hibernate(self.kernel_id)
+        except Exception as exc:
+            self.hibernator.log.warning(
+                "Could not hibernate kernel %s as %%hibernate asked: %s", self.kernel_id, exc
+            )

@@ -1,0 +1,125 @@
+"""``%hibernate``: a kernel asks its server, through its own IOPub, to hibernate it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.provisioning import KernelProvisionerFactory
+
+from kernelhib.magic import NOT_MANAGED, STATUS_ENV
+
+from .conftest import KernelChannel, summarize, wait_for_state
+
+
+async def state(api: Any, kernel_id: str) -> str:
+    return (await api("GET", "kernels", kernel_id))["execution_state"]
+
+
+@pytest.mark.criu
+async def test_magic_is_loaded_in_kernels_the_server_starts(start_kernel: Any) -> None:
+    _, channel = await start_kernel()
+    result = await channel.execute("%hibernate --status")
+    assert result["status"] == "ok", result
+    assert result["stdout"].startswith("Engine: ")
+
+
+@pytest.mark.criu
+async def test_hibernate_magic_hibernates_after_the_cell_and_again_after_a_wake(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("%load_ext kernelhib\nvalue = 'kept'")
+
+    for round_ in range(2):
+        result = await channel.execute("%hibernate\nvalue")
+        assert result["status"] == "ok"
+        assert "will hibernate with criu as soon as the kernel is idle" in result["stdout"]
+        assert result["result"] == "'kept'"
+        # The cell's reply came first: the kernel hibernates only after it.
+        assert await state(api, kernel_id) != "hibernated"
+        await wait_for_state(api, kernel_id, "hibernated")
+
+        assert (await channel.execute("print(value)"))["stdout"] == "kept\n", round_
+
+
+@pytest.mark.criu
+async def test_front_end_closing_the_unknown_comm_does_not_wake_the_kernel(
+    start_kernel: Any, api: Any
+) -> None:
+    """JupyterLab answers a comm_open for a target it does not know with a comm_close."""
+    kernel_id, channel = await start_kernel()
+    await channel.execute("%load_ext kernelhib")
+
+    await run_like_jupyterlab(channel, "%hibernate")
+
+    await wait_for_state(api, kernel_id, "hibernated")
+    await asyncio.sleep(2)
+    assert await state(api, kernel_id) == "hibernated"
+
+
+async def run_like_jupyterlab(channel: KernelChannel, code: str) -> None:
+    """Run ``code``, closing every comm the kernel opens, as JupyterLab does for unknown ones."""
+    msg_id = channel.send("execute_request", {"code": code})
+    reply, idle = None, False
+    while reply is None or not idle:
+        msg = await channel.next(60)
+        if msg["msg_type"] == "comm_open":
+            channel.send("comm_close", {"comm_id": msg["content"]["comm_id"], "data": {}})
+        elif msg["parent_header"].get("msg_id") == msg_id:
+            reply = msg if msg["channel"] == "shell" else reply
+            idle = idle or msg["content"].get("execution_state") == "idle"
+
+
+@pytest.mark.criu
+async def test_status_says_which_engine_and_why(start_kernel: Any) -> None:
+    _, channel = await start_kernel()
+
+    result = await channel.execute("%load_ext kernelhib\n%hibernate --status")
+
+    status = result["stdout"][result["stdout"].index("Engine:") :].splitlines()
+    assert status[0] == "Engine: criu"
+    assert status[1].startswith("Why: KernelHibernator.engine is 'auto'; CRIU 4.")
+    assert "criu check passed" in status[1]
+    assert "when it started this kernel" in status[2]
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {},
+        # Inherited by a kernel started from inside a managed one: names another kernel.
+        {STATUS_ENV: json.dumps({"kernel_id": "another", "engine": "criu", "why": "..."})},
+    ],
+    ids=["plain", "inherited"],
+)
+async def test_outside_a_kernelhib_server_the_magic_says_so(
+    environment: dict[str, str], monkeypatch: Any
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    # The test servers make kernelhib's provisioner the default in this process.
+    monkeypatch.setattr(
+        KernelProvisionerFactory.instance(), "default_provisioner_name", "local-provisioner"
+    )
+    km = AsyncKernelManager(kernel_name="python3")
+    await km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=60)
+        output: list[dict[str, Any]] = []
+        reply = await client.execute_interactive(
+            "%load_ext kernelhib\n%hibernate\n%hibernate --status",
+            output_hook=output.append,
+            timeout=60,
+        )
+    finally:
+        client.stop_channels()
+        await km.shutdown_kernel(now=True)
+    result = summarize(reply, output)
+    assert result["status"] == "ok"
+    assert result["stdout"] == f"{NOT_MANAGED}\n" * 2
