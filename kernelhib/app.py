@@ -75,15 +75,18 @@ class KernelHibernatorApp(ExtensionApp):
             return
         logger = self.serverapp.event_logger
         logger.register_event_schema(EVENT_SCHEMA)
-        self.serverapp.kernel_manager.hibernator.event_logger = logger
+        hibernator = self.serverapp.kernel_manager.hibernator
+        hibernator.event_logger = logger
+        if self._claim is not None:
+            hibernator.adopt_images()
 
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         if not self.active:
             return
         _stop_cleanly_on_sigint(serverapp)
         mkm = serverapp.kernel_manager
-        await mkm.hibernator.start(adopt=self._claim is not None)
-        # Admins (and tests) learn from this line that adoption is over.
+        mkm.hibernator.start()
+        # Admins (and tests) learn from this line that kernelhib is at work.
         self.log.info(
             "kernelhib started: %d hibernated kernels in %s",
             sum(map(mkm.hibernator.is_hibernated, mkm.list_kernel_ids())),
@@ -106,10 +109,9 @@ def _stop_cleanly_on_sigint(serverapp: Any) -> None:
     jupyter_server handles SIGINT only when stdin is a terminal (it asks before
     stopping); otherwise SIGINT raises KeyboardInterrupt in the event loop and the
     server exits without running extensions' stop hooks or shutting kernels down.
-    JupyterHub's LocalProcessSpawner stops servers with SIGINT, and kernelhib's
-    kernels do not die with their server (no JPY_PARENT_PID): they would run on,
-    orphaned, instead of hibernating. Called once the server runs (never in tests
-    that only start_app()), from the main thread.
+    JupyterHub's LocalProcessSpawner stops servers with SIGINT: without this, its
+    kernels would be killed with the server instead of hibernating. Called once
+    the server runs (never in tests that only start_app()), from the main thread.
     """
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, serverapp._signal_stop)

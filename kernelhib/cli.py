@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="hibernate even a busy kernel: its running cell is frozen and carries on after wake",
     )
-    hibernate.add_argument("--engine", choices=ENGINES, default="auto")
+    hibernate.add_argument(
+        "--engine", choices=ENGINES, help="default: the server's KernelHibernator.engine"
+    )
     hibernate.set_defaults(run=_hibernate)
 
     wake = commands.add_parser("wake", parents=[server], help="wake a hibernated kernel")

@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,8 @@ class KernelHibernator(LoggingConfigurable):
         requested = (engine or self.engine).lower()
         # Off the event loop: the first look for CRIU runs `criu check`.
         chosen, fallback = await asyncio.to_thread(self.choose_engine, requested, km.provisioner)
+        if await km.provisioner.poll() is not None:
+            raise Conflict(f"kernel {kernel_id} is not running: there is nothing to hibernate")
         busy = km.execution_state == "busy"
         if busy and not force:
             raise Conflict(
@@ -437,16 +440,22 @@ class KernelHibernator(LoggingConfigurable):
         finally:
             record.waking = None
 
-        record.state, record.error, record.epoch = "running", "", record.epoch + 1
-        km.execution_state = "idle" if restarted else record.execution_state
+        # A cell frozen by a forced hibernation runs on; anything else is idle now.
+        km.execution_state = (
+            "busy" if record.execution_state == "busy" and not restarted else "idle"
+        )
         km.reason = ""
+        km.last_activity = datetime.now(timezone.utc)  # the idle timeout starts over
         km.start_restarter()
         if restarted and km._restarter is not None:
             # A new process: tell connected front ends, as an auto-restart does.
             km._restarter._fire_callbacks("restart")
         record.seconds = time.monotonic() - started
         self.log.info("Woke kernel %s in %.1f s", kernel_id, record.seconds)
+        record.state, record.error = "running", ""
         self._emit("wake", kernel_id, record)
+        # Running again: a new record, so that nothing of this image shows any more.
+        self._records[kernel_id] = Hibernation(epoch=record.epoch + 1)
         # The image holds every secret the kernel had: gone now, but without
         # making the user wait for a multi-GiB delete.
         self._later(asyncio.to_thread(self.store.discard, self.store.retire(kernel_id)))
@@ -484,10 +493,8 @@ class KernelHibernator(LoggingConfigurable):
         async with _client(km) as client:
             await client.wait_for_ready(timeout=self.wake_timeout)
 
-    async def start(self, adopt: bool = True) -> None:
-        """Take over the images a previous server left, and start the idle watcher."""
-        if adopt:
-            await self.adopt_images()
+    def start(self) -> None:
+        """Start the idle watcher, once the server's event loop runs."""
         self.idle.start()
 
     async def stop(self) -> None:
@@ -522,14 +529,18 @@ class KernelHibernator(LoggingConfigurable):
                 timeout,
             )
 
-    async def adopt_images(self) -> None:
-        """Register the kernels whose images are in ``image_dir`` as hibernated kernels."""
-        await asyncio.to_thread(self.store.sweep)
-        for kernel_id in await asyncio.to_thread(self.store.kernel_ids):
+    def adopt_images(self) -> None:
+        """Register the kernels whose images are in ``image_dir`` as hibernated kernels.
+
+        Called before the server answers requests: a session listed before its
+        kernel is adopted would be deleted as a session of a vanished kernel.
+        """
+        self.store.sweep()
+        for kernel_id in self.store.kernel_ids():
             if kernel_id in self.kernel_manager:
                 continue
             try:
-                image = await asyncio.to_thread(self.store.read, kernel_id)
+                image = self.store.read(kernel_id)
                 self.kernel_manager.adopt_hibernated(kernel_id, image.manifest)
             except (ImageError, KeyError, ValueError) as exc:
                 self.log.error("Cannot adopt hibernated kernel %s: %s", kernel_id, exc)

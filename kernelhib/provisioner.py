@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ _PR_SET_PDEATHSIG = 1
 def _die_with_parent() -> None:
     """In the launched process: get SIGKILL when the server that started it dies."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _runs_our_python(executable: str) -> bool:
+    """Whether ``executable`` is the server's own Python environment, where kernelhib is."""
+    found = shutil.which(executable)
+    ours = Path(sys.executable)
+    return found is not None and Path(found).parent == ours.parent and os.path.samefile(found, ours)
 
 
 class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
@@ -84,6 +92,9 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         cmd: list[str] = kwargs["cmd"]
         if any("ipykernel" in arg for arg in cmd):
             cmd.append(f"--HistoryManager.hist_file={self.files_dir / 'history.sqlite'}")
+            if _runs_our_python(cmd[0]):
+                # kernelhib is importable there: %hibernate works without %load_ext.
+                cmd.append("--InteractiveShellApp.extra_extensions=kernelhib")
         self.not_restorable = self._why_not_restorable()
         if not self.not_restorable:
             kwargs["cmd"] = [*_UNSHARE, *cmd]

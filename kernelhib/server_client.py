@@ -58,14 +58,17 @@ def list_kernels(server: Server) -> list[dict[str, Any]]:
 
 
 def hibernate(
-    server: Server, kernel_id: str, *, engine: str = "auto", force: bool = False
+    server: Server, kernel_id: str, *, engine: str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """Hibernate a kernel and return its model."""
+    """Hibernate a kernel and return its model; no ``engine``: the server's default."""
+    body: dict[str, Any] = {"force": force}
+    if engine:
+        body["engine"] = engine
     return _request(
         server,
         "POST",
         f"api/kernels/{_quote(kernel_id)}/hibernate",
-        {"engine": engine, "force": force},
+        body,
         timeout=HIBERNATE_TIMEOUT_S,
     )
 
