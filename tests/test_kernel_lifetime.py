@@ -39,3 +39,22 @@ async def test_a_server_killed_outright_takes_its_kernels_along(launch_server: A
             break
         await asyncio.sleep(0.1)
     assert not kernel_processes(kernel["id"]), "an orphaned kernel would hold its memory forever"
+
+
+async def test_a_kernel_woken_by_criu_still_dies_with_its_server(launch_server: Any) -> None:
+    server = await launch_server()
+    kernel = await server.api("POST", "kernels", body={"name": "python3"}, expect=201)
+    channel = await server.open_channel(kernel["id"])
+    await channel.execute("x = 1")
+    await server.api("POST", "kernels", kernel["id"], "hibernate", body={"engine": "criu"})
+    assert (await channel.execute("x + 1"))["result"] == "2"  # woken by CRIU
+    assert kernel_processes(kernel["id"])
+
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+
+    for _ in range(50):
+        if not kernel_processes(kernel["id"]):
+            break
+        await asyncio.sleep(0.1)
+    assert not kernel_processes(kernel["id"])
