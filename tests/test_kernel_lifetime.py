@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .conftest import kernel_processes
+
 pytestmark = pytest.mark.criu
-
-
-def kernel_processes(kernel_id: str) -> list[int]:
-    """Processes whose command line names this kernel's connection file."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if f"kernel-{kernel_id}.json".encode() in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
 
 
 async def test_a_server_killed_outright_takes_its_kernels_along(launch_server: Any) -> None:

@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import ServerProcess
+from .conftest import TRACE_A_CHILD, ServerProcess, kernel_processes
 
 pytestmark = pytest.mark.criu
-
-PTRACE_CHILD = (
-    "import ctypes, subprocess, time\n"
-    "traced = subprocess.Popen(['sleep', '600'])\n"
-    "assert ctypes.CDLL(None).ptrace(16, traced.pid, 0, 0) == 0\n"
-    "time.sleep(0.2)"
-)
-
-
-def kernel_processes(kernel_id: str) -> list[int]:
-    """Live processes started for this kernel: they carry its id in their environment."""
-    marker = f"KERNELHIB_KERNEL_ID={kernel_id}".encode()
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                pids.append(int(environ.parent.name))
-        except OSError:  # the process ended meanwhile
-            continue
-    return pids
 
 
 async def start_session(server: ServerProcess, path: str = "demo.ipynb") -> str:
@@ -125,7 +104,7 @@ async def test_kernel_that_cannot_hibernate_is_shut_down_at_stop_and_others_hibe
     first = await launch_server("--KernelHibernator.engine=criu")
     stuck = await start_session(first, "stuck.ipynb")
     fine = await start_session(first, "fine.ipynb")
-    assert (await (await first.open_channel(stuck)).execute(PTRACE_CHILD))["status"] == "ok"
+    assert (await (await first.open_channel(stuck)).execute(TRACE_A_CHILD))["status"] == "ok"
     await (await first.open_channel(fine)).execute("n = 1")
 
     assert await first.stop() == 0
