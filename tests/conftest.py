@@ -229,6 +229,7 @@ class ServerProcess:
         self.token = os.urandom(8).hex()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log
+        self.env = env
         self.image_dir = Path(env["JUPYTER_DATA_DIR"]) / "kernelhib" / "images"
         self.channels: list[KernelChannel] = []
         command = [

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import os
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
 
 import pytest
 
@@ -107,121 +103,41 @@ def test_no_running_server(tmp_path, monkeypatch, capsys):
     assert "no running Jupyter server found" in capsys.readouterr().err
 
 
-class FakeKernelsApi(BaseHTTPRequestHandler):
-    """Answers like jupyter_server with kernelhib's handlers, and records requests."""
+@pytest.mark.criu
+async def test_list_hibernate_and_wake_the_kernels_of_a_running_server(launch_server):
+    server = await launch_server()
+    kernel = await server.api("POST", "kernels", body={"name": "python3"}, expect=201)
+    kernel_id = kernel["id"]
+    channel = await server.open_channel(kernel_id)
+    assert (await channel.execute("x = 41"))["status"] == "ok"
+    # No --url: the command finds the running server and its token, as a user's would.
+    env = {"JUPYTER_RUNTIME_DIR": server.env["JUPYTER_RUNTIME_DIR"]}
 
-    replies: ClassVar[dict[tuple[str, str], tuple[int, Any]]] = {}
-    requests: ClassVar[list[tuple[str, str, str | None, Any]]] = []
+    hibernated = await asyncio.to_thread(kernelhib, "hibernate", kernel_id, env=env)
+    assert hibernated.returncode == 0, hibernated.stderr
+    assert hibernated.stdout.startswith(f"Hibernated kernel {kernel_id} with criu in ")
+    assert "memory freed" in hibernated.stdout
 
-    def do_GET(self) -> None:
-        self.answer(None)
+    listed = await asyncio.to_thread(kernelhib, "list", env=env)
+    assert listed.stdout.splitlines()[0].split() == ["ID", "NAME", "STATE", "IMAGE", "FREED"]
+    row = next(line.split() for line in listed.stdout.splitlines() if line.startswith(kernel_id))
+    assert row[1:3] == ["python3", "hibernated"]
 
-    def do_POST(self) -> None:
-        self.answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+    again = await asyncio.to_thread(kernelhib, "hibernate", kernel_id, env=env)
+    assert again.returncode == 1
+    assert f"HTTP 409: kernel {kernel_id} is hibernated" in again.stderr
+    assert "Traceback" not in again.stderr
 
-    def answer(self, body: Any) -> None:
-        self.requests.append((self.command, self.path, self.headers["Authorization"], body))
-        status, reply = self.replies.get(
-            (self.command, self.path), (404, {"message": "no such path", "reason": None})
-        )
-        data = json.dumps(reply).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    woken = await asyncio.to_thread(kernelhib, "wake", kernel_id, env=env)
+    assert woken.returncode == 0, woken.stderr
+    assert woken.stdout == f"Woke kernel {kernel_id}; it is idle\n"
+    assert (await channel.execute("x + 1"))["result"] == "42"
 
-    def log_message(self, *args: Any) -> None:
-        """Keep test output quiet."""
-
-
-@pytest.fixture
-def fake_api() -> Iterator[tuple[str, type[FakeKernelsApi]]]:
-    FakeKernelsApi.replies = {}
-    FakeKernelsApi.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKernelsApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/lab-base", FakeKernelsApi
-    server.shutdown()
-    server.server_close()
-
-
-HIBERNATED = {
-    "id": "k2",
-    "name": "python3",
-    "execution_state": "idle",
-    "connections": 0,
-    "hibernation": {
-        "engine": "criu",
-        "image_bytes": int(1.5 * GIB),
-        "freed_bytes": 3 * GIB,
-        "seconds": 2.25,
-    },
-}
-
-
-def test_list_uses_running_server_and_its_token(fake_api, tmp_path, monkeypatch, capsys):
-    url, handler = fake_api
-    runtime = tmp_path / "runtime"
-    runtime.mkdir()
-    (runtime / "jpserver-1.json").write_text(
-        json.dumps({"url": url, "token": "secret", "pid": os.getpid()})
+    unknown = await asyncio.to_thread(
+        kernelhib, "wake", "00000000-0000-0000-0000-000000000000", env=env
     )
-    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
-    handler.replies[("GET", "/lab-base/api/kernels")] = (
-        200,
-        [
-            {"id": "k1", "name": "python3", "execution_state": "busy", "connections": 1},
-            HIBERNATED,
-        ],
-    )
-    assert main(["list"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "STATE", "IMAGE", "FREED"]
-    assert lines[2].split() == ["k1", "python3", "busy"]
-    assert lines[3].split() == ["k2", "python3", "hibernated", "1.5", "GiB", "3.0", "GiB"]
-    assert handler.requests == [("GET", "/lab-base/api/kernels", "token secret", None)]
-
-
-def test_hibernate_prints_result(fake_api, capsys):
-    url, handler = fake_api
-    handler.replies[("POST", "/lab-base/api/kernels/k2/hibernate")] = (200, HIBERNATED)
-    assert (
-        main(["hibernate", "k2", "--engine", "criu", "--force", "--url", url, "--token", "t"]) == 0
-    )
-    assert capsys.readouterr().out == (
-        "Hibernated kernel k2 with criu in 2.2 s: image 1.5 GiB, memory freed 3.0 GiB\n"
-    )
-    assert handler.requests[0][2:] == ("token t", {"engine": "criu", "force": True})
-
-
-def test_hibernate_busy_kernel_prints_server_message(fake_api, capsys):
-    url, handler = fake_api
-    handler.replies[("POST", "/lab-base/api/kernels/k1/hibernate")] = (
-        409,
-        {"message": "Kernel k1 is busy; pass force to hibernate anyway", "reason": None},
-    )
-    assert main(["hibernate", "k1", "--url", url, "--token", "t"]) == 1
-    err = capsys.readouterr().err
-    assert "HTTP 409: Kernel k1 is busy; pass force to hibernate anyway" in err
-    assert handler.requests[0][3] == {"engine": "auto", "force": False}
-
-
-def test_wake(fake_api, capsys):
-    url, handler = fake_api
-    handler.replies[("POST", "/lab-base/api/kernels/k2/wake")] = (
-        200,
-        {**HIBERNATED, "hibernation": None},
-    )
-    assert main(["wake", "k2", "--url", url, "--token", "t"]) == 0
-    assert capsys.readouterr().out == "Woke kernel k2; it is idle\n"
-
-
-def test_wake_unknown_kernel(fake_api, capsys):
-    url, _ = fake_api
-    assert main(["wake", "nope", "--url", url, "--token", "t"]) == 1
-    assert "HTTP 404: no such path" in capsys.readouterr().err
+    assert unknown.returncode == 1
+    assert "HTTP 404" in unknown.stderr
 
 
 @pytest.mark.parametrize(
