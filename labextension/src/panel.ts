@@ -12,9 +12,10 @@ import type { IKernelView } from './state';
 import {
   formatBytes,
   formatTime,
+  hibernationNotes,
   sessionNames,
   stateLabel,
-  totalFreed
+  summaryText
 } from './state';
 import type { HibernationStore } from './store';
 
@@ -63,14 +64,11 @@ export class HibernationPanel extends Widget {
       return;
     }
     const views = [...this._store.views];
-    const hibernated = views.filter(v => v.state === 'hibernated').length;
-    this._summary.textContent =
-      `Memory freed: ${formatBytes(totalFreed(views))}, ` +
-      `by ${hibernated} of ${views.length} kernel${views.length === 1 ? '' : 's'}`;
+    this._summary.textContent = summaryText(views);
     this._list.replaceChildren(...views.map(view => this._item(view)));
   }
 
-  /** One kernel: its notebooks and state, then its numbers, then its actions. */
+  /** One kernel: its notebooks and state, its numbers, notes on its hibernation, its actions. */
   private _item(view: IKernelView): HTMLLIElement {
     const item = document.createElement('li');
     item.className = 'jp-kernelhib-Kernel';
@@ -102,15 +100,17 @@ export class HibernationPanel extends Widget {
       dd.title = hint;
       facts.append(dt, dd);
     };
-    fact(
-      'Memory',
-      hibernated ? `0 B, ${formatBytes(view.freedBytes)} freed` : '—',
-      hibernated
-        ? ''
-        : 'kernelhib does not report the memory of running kernels yet'
-    );
+    const memory = hibernated
+      ? [`0 B, ${formatBytes(view.freedBytes)} freed`, '']
+      : view.state === 'running' && view.memoryBytes !== null
+        ? [
+            `${formatBytes(view.memoryBytes)} in use`,
+            "Private resident memory of the kernel's processes: what hibernating it would free"
+          ]
+        : ['—', ''];
+    fact('Memory', memory[0], memory[1]);
     fact('Image', hibernated ? formatBytes(view.imageBytes) : '—');
-    fact('Engine', hibernated ? view.engine : '—');
+    fact('Engine', hibernated ? view.engine : '—', view.fallbackReason);
     fact(
       'Last activity',
       formatTime(view.lastActivity, new Date()),
@@ -130,7 +130,13 @@ export class HibernationPanel extends Widget {
       this._button('Discard', () => this._actions.discard(view.id))
     );
 
-    item.append(title, facts, actions);
+    const notes = hibernated ? hibernationNotes(view) : [];
+    const note = document.createElement('p');
+    note.className = 'jp-kernelhib-Kernel-notes';
+    note.textContent = notes.join('\n');
+    note.hidden = notes.length === 0;
+
+    item.append(title, facts, note, actions);
     return item;
   }
 

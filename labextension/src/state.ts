@@ -41,6 +41,8 @@ export interface IHibernationModel {
   hibernated_at?: number;
   error?: string;
   lost?: ILostVariable[];
+  /** Why CRIU was not used (at hibernation), or could not restore (at wake). */
+  fallback_reason?: string;
 }
 
 /** A kernel model of `GET /api/kernels`, with kernelhib's additions. */
@@ -50,13 +52,22 @@ export interface IKernelModel {
   last_activity?: string;
   execution_state?: string;
   connections?: number;
+  /** Private resident memory of the kernel's process tree; absent while hibernated. */
+  memory_bytes?: number;
   hibernation?: IHibernationModel;
 }
 
 /**
- * One event of kernelhib's schema. Its action is hibernate, hibernate-failed,
- * wake or wake-failed; its state is the kernel's state after it, which is all the
- * views need, so actions added later change the views without a notification.
+ * One event of kernelhib's schema. Its action is one of six:
+ *
+ * - `hibernate-started` (state hibernating), then `hibernate` (hibernated) or
+ *   `hibernate-failed` (running, with `error`);
+ * - `wake-started` (waking), then `wake` (running) or `wake-failed` (hibernated,
+ *   with `error`).
+ *
+ * The -started events reach every client, not only the one that asked, so all
+ * of them show the transition. Its state is the kernel's state after it; an
+ * action added later changes the views by that state, without a notification.
  */
 export interface IHibernationEvent extends IHibernationModel {
   action: string;
@@ -73,6 +84,8 @@ export interface IKernelView {
   /** ISO 8601 time of the kernel's last activity; '' if unknown. */
   readonly lastActivity: string;
   readonly connections: number;
+  /** Memory the kernel's processes use now (what hibernating it would free); null if not reported. */
+  readonly memoryBytes: number | null;
   readonly state: HibernationState;
   /** The engine of the last hibernation; '' if none. */
   readonly engine: string;
@@ -84,6 +97,10 @@ export interface IKernelView {
   readonly hibernatedAt: number;
   /** Why the last hibernation or wake failed; '' if it did not. */
   readonly error: string;
+  /** Why CRIU was not used, or could not restore; '' if it was (or no hibernation). */
+  readonly fallbackReason: string;
+  /** The variables the dill engine could not keep. */
+  readonly lost: readonly ILostVariable[];
 }
 
 /** A kernel's view from its REST model. */
@@ -95,13 +112,16 @@ export function viewFromModel(model: IKernelModel): IKernelView {
     executionState: model.execution_state ?? '',
     lastActivity: model.last_activity ?? '',
     connections: model.connections ?? 0,
+    memoryBytes: model.memory_bytes ?? null,
     state: hibernation?.state ?? 'running',
     engine: hibernation?.engine ?? '',
     imageBytes: hibernation?.image_bytes ?? 0,
     freedBytes: hibernation?.freed_bytes ?? 0,
     seconds: hibernation?.seconds ?? 0,
     hibernatedAt: hibernation?.hibernated_at ?? 0,
-    error: hibernation?.error ?? ''
+    error: hibernation?.error ?? '',
+    fallbackReason: hibernation?.fallback_reason ?? '',
+    lost: hibernation?.lost ?? []
   };
 }
 
@@ -128,7 +148,12 @@ export function mergeListing(
             name: fresh.name,
             lastActivity: fresh.lastActivity || known.lastActivity,
             connections: fresh.connections,
-            executionState: fresh.executionState || known.executionState
+            executionState: fresh.executionState || known.executionState,
+            // A listing answered before the kernel hibernated may still have its memory.
+            memoryBytes:
+              known.state === 'hibernated'
+                ? null
+                : (fresh.memoryBytes ?? known.memoryBytes)
           }
     );
   }
@@ -158,22 +183,40 @@ export function applyEvent(
   event: IHibernationEvent
 ): IKernelView {
   const base = view ?? viewFromModel({ id: event.kernel_id, name: '' });
-  const woke = event.action === 'wake';
+  switch (event.action) {
+    case 'hibernate-started':
+      // A new hibernation: nothing of an earlier one applies to it.
+      return {
+        ...base,
+        state: 'hibernating',
+        error: '',
+        fallbackReason: '',
+        lost: []
+      };
+    case 'wake-started':
+      // The image's facts stay in sight while it is restored.
+      return { ...base, state: 'waking', error: '' };
+  }
+  const hibernated = event.state === 'hibernated';
   return {
     ...base,
     state: event.state,
-    executionState:
-      event.state === 'hibernated'
-        ? 'hibernated'
-        : woke
-          ? 'idle'
-          : base.executionState,
+    executionState: hibernated
+      ? 'hibernated'
+      : event.action === 'wake'
+        ? 'idle'
+        : base.executionState,
+    // Hibernated: no process. Woken: a new one, measured by the next fetch.
+    memoryBytes:
+      hibernated || event.action === 'wake' ? null : base.memoryBytes,
     engine: event.engine ?? base.engine,
     imageBytes: event.image_bytes ?? base.imageBytes,
     freedBytes: event.freed_bytes ?? base.freedBytes,
     seconds: event.seconds ?? base.seconds,
     hibernatedAt: event.hibernated_at ?? base.hibernatedAt,
-    error: event.error ?? ''
+    error: event.error ?? '',
+    fallbackReason: event.fallback_reason ?? base.fallbackReason,
+    lost: event.lost ?? base.lost
   };
 }
 
@@ -190,6 +233,17 @@ export function isIdle(view: IKernelView): boolean {
   return view.state === 'running' && view.executionState === 'idle';
 }
 
+/** The memory in use by all running kernels that report it. */
+export function totalInUse(views: Iterable<IKernelView>): number {
+  let total = 0;
+  for (const view of views) {
+    if (view.state === 'running') {
+      total += view.memoryBytes ?? 0;
+    }
+  }
+  return total;
+}
+
 /** The memory freed by all hibernated kernels. */
 export function totalFreed(views: Iterable<IKernelView>): number {
   let total = 0;
@@ -199,6 +253,19 @@ export function totalFreed(views: Iterable<IKernelView>): number {
     }
   }
   return total;
+}
+
+/** The panel's summary line: `Memory freed: 321.0 MiB, by 1 of 2 kernels; in use: 80.2 MiB` */
+export function summaryText(views: readonly IKernelView[]): string {
+  const hibernated = views.filter(v => v.state === 'hibernated').length;
+  const measured = views.some(
+    v => v.state === 'running' && v.memoryBytes !== null
+  );
+  return (
+    `Memory freed: ${formatBytes(totalFreed(views))}, ` +
+    `by ${hibernated} of ${views.length} kernel${views.length === 1 ? '' : 's'}` +
+    (measured ? `; in use: ${formatBytes(totalInUse(views))}` : '')
+  );
 }
 
 /** `1536` -> `1.5 KiB`, as kernelhib's CLI writes sizes. */
@@ -253,6 +320,9 @@ export function buttonLook(view: IKernelView | undefined): IButtonLook {
         label: '',
         tooltip:
           'Hibernate kernel: save it to disk and free its memory' +
+          (view.memoryBytes !== null
+            ? ` (${formatBytes(view.memoryBytes)} in use)`
+            : '') +
           (view.error ? `\nThe last attempt failed: ${view.error}` : ''),
         action: 'hibernate'
       };
@@ -269,6 +339,9 @@ export function buttonLook(view: IKernelView | undefined): IButtonLook {
         label: 'Hibernated',
         tooltip:
           `${hibernatedSummary(view)}\n` +
+          hibernationNotes(view)
+            .map(note => `${note}\n`)
+            .join('') +
           (view.error
             ? `The last wake failed: ${view.error}\nClick to try again.`
             : 'Click to wake it, or run a cell.'),
@@ -291,6 +364,47 @@ export function hibernatedSummary(view: IKernelView): string {
     `Kernel hibernated${engine}: ${formatBytes(view.freedBytes)} memory freed, ` +
     `image ${formatBytes(view.imageBytes)}`
   );
+}
+
+/**
+ * What the user should know about a hibernation besides its sizes: why it did
+ * not use CRIU, and which variables its snapshot could not keep.
+ */
+export function hibernationNotes(view: IKernelView): string[] {
+  const notes: string[] = [];
+  if (view.fallbackReason) {
+    // A CRIU image has one only after a wake fell back to its dill snapshot (and failed).
+    notes.push(
+      view.engine === 'criu'
+        ? view.fallbackReason
+        : `Hibernated with ${view.engine || 'dill'}: ${view.fallbackReason}`
+    );
+  }
+  const lost = lostBy(view.engine, view.fallbackReason, view.lost);
+  if (lost.length > 0) {
+    notes.push(
+      `${countVariables(lost)} could not be saved and will be missing after the wake: ` +
+        `${formatLost(lost)}`
+    );
+  }
+  return notes;
+}
+
+/**
+ * The variables a hibernation really loses: a dill engine's. A CRIU image keeps
+ * everything; the dill snapshot kept beside it (keep_dill_snapshot) only
+ * counts once the wake has fallen back to it.
+ */
+function lostBy(
+  engine: string | undefined,
+  fallbackReason: string | undefined,
+  lost: readonly ILostVariable[] | undefined
+): readonly ILostVariable[] {
+  return engine === 'criu' && !fallbackReason ? [] : (lost ?? []);
+}
+
+function countVariables(lost: readonly ILostVariable[]): string {
+  return lost.length === 1 ? '1 variable' : `${lost.length} variables`;
 }
 
 /** The status bar text for the current notebook's kernel; '' while it simply runs. */
@@ -318,20 +432,26 @@ export function formatLost(lost: readonly ILostVariable[]): string {
   return lost.map(v => `${v.name} (${v.type}: ${v.reason})`).join(', ');
 }
 
-/** The notification for an event (null: none); `kernel` names the kernel for the user. */
+/**
+ * The notification for an event (null: none, as for the -started actions, which
+ * the views show); `kernel` names the kernel for the user.
+ */
 export function eventNotice(
   event: IHibernationEvent,
   kernel: string
 ): INotice | null {
   const took =
     event.seconds !== undefined ? ` in ${formatSeconds(event.seconds)}` : '';
-  const lost = event.lost ?? [];
-  const count = lost.length === 1 ? '1 variable' : `${lost.length} variables`;
+  const lost = lostBy(event.engine, event.fallback_reason, event.lost);
+  const count = countVariables(lost);
   switch (event.action) {
     case 'hibernate': {
+      const fallback = event.fallback_reason
+        ? ` Hibernated with ${event.engine || 'dill'}: ${event.fallback_reason}.`
+        : '';
       const message =
         `Hibernated ${kernel}${took}: ${formatBytes(event.freed_bytes ?? 0)} memory freed, ` +
-        `image ${formatBytes(event.image_bytes ?? 0)}.`;
+        `image ${formatBytes(event.image_bytes ?? 0)}.${fallback}`;
       return lost.length === 0
         ? { type: 'success', message }
         : {
@@ -344,20 +464,31 @@ export function eventNotice(
         type: 'error',
         message: `Could not hibernate ${kernel}: ${event.error ?? 'unknown error'}`
       };
-    case 'wake':
+    case 'wake': {
+      // At a wake, a fallback reason is news only if a CRIU image could not be restored.
+      const fallback =
+        event.fallback_reason && event.engine === 'criu'
+          ? ` from its dill snapshot (${event.fallback_reason})`
+          : '';
       return lost.length === 0
-        ? { type: 'success', message: `Woke ${kernel}${took}.` }
+        ? {
+            type: fallback ? 'warning' : 'success',
+            message: `Woke ${kernel}${took}${fallback}.`
+          }
         : {
             type: 'warning',
             message:
-              `Woke ${kernel}${took}, but ${count} ${lost.length === 1 ? 'was' : 'were'} lost: ` +
+              `Woke ${kernel}${took}${fallback}, but ${count} ${lost.length === 1 ? 'was' : 'were'} lost: ` +
               `${formatLost(lost)}. Run the cells that define them again.`
           };
+    }
     case 'wake-failed':
       return {
         type: 'error',
         message: `Could not wake ${kernel}: ${event.error ?? 'unknown error'}`
       };
+    case 'hibernate-started':
+    case 'wake-started':
     default:
       return null;
   }

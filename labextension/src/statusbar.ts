@@ -7,7 +7,7 @@ import type { INotebookTracker } from '@jupyterlab/notebook';
 import type { IStatusBar } from '@jupyterlab/statusbar';
 import { Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
-import { hibernatedSummary, statusText } from './state';
+import { hibernatedSummary, hibernationNotes, statusText } from './state';
 import type { HibernationStore } from './store';
 
 export function addStatusItem(
@@ -25,7 +25,11 @@ export function addStatusItem(
     item.node.textContent = text;
     item.node.title =
       view?.state === 'hibernated'
-        ? `${hibernatedSummary(view)}. Run a cell to wake it.`
+        ? [
+            `${hibernatedSummary(view)}.`,
+            ...hibernationNotes(view),
+            'Run a cell to wake it.'
+          ].join('\n')
         : text;
     item.node.dataset.kernelhibState = view?.state ?? 'none';
     activeStateChanged.emit();

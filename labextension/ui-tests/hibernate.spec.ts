@@ -67,7 +67,11 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
     panel.locator('.jp-Notebook-ExecutionIndicator')
   ).toHaveAttribute('data-status', 'idle');
   await expect(button).toBeEnabled();
-  await expect(button).toHaveAttribute('title', /^Hibernate kernel/);
+  // The server reports the memory the kernel uses: what hibernating it frees.
+  await expect(button).toHaveAttribute(
+    'title',
+    /^Hibernate kernel: save it to disk and free its memory \([\d.]+ \w*B in use\)$/
+  );
   await shootToolbar(page, 'running');
 
   // The Kernel menu has the commands, enabled as the kernel's state allows.
@@ -102,6 +106,24 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
   // The server agrees, and opening the panel does not wake the kernel.
   const sessions = await page.request.get(`${URL}/api/sessions?token=${TOKEN}`);
   const kernelId: string = (await sessions.json())[0].kernel.id;
+  // A second kernel, without a notebook: the panel shows the memory it uses.
+  const started = await page.request.post(`${URL}/api/kernels?token=${TOKEN}`, {
+    data: { name: 'python3' }
+  });
+  expect(started.ok()).toBe(true);
+  const otherId: string = (await started.json()).id;
+  // It reads "starting" until a client connects: connect one, as a notebook would.
+  await page.evaluate(
+    url =>
+      new Promise(resolve => {
+        const socket = new WebSocket(url);
+        socket.onopen = () => setTimeout(() => resolve(socket.close()), 1000);
+      }),
+    `${URL.replace(/^http/, 'ws')}/api/kernels/${otherId}/channels?token=${TOKEN}`
+  );
+  await expect
+    .poll(async () => (await kernelModel(page, otherId)).execution_state)
+    .toBe('idle');
   await page.locator('.jp-SideBar [data-id="kernelhib-panel"]').click();
   const entry = page.locator(
     `.jp-kernelhib-Kernel[data-kernel-id="${kernelId}"]`
@@ -111,8 +133,13 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
     'hibernate.ipynb'
   );
   await expect(entry.locator('dd').first()).toHaveText(/freed/);
+  const other = page.locator(
+    `.jp-kernelhib-Kernel[data-kernel-id="${otherId}"]`
+  );
+  await expect(other).toHaveAttribute('data-kernelhib-state', 'running');
+  await expect(other.locator('dd').first()).toHaveText(/^[\d.]+ \w*B in use$/);
   await expect(page.locator('.jp-kernelhib-Summary')).toHaveText(
-    /^Memory freed: [1-9]/
+    /^Memory freed: [1-9][\d.]* \w*B, by 1 of 2 kernels; in use: [1-9]/
   );
   await page.waitForTimeout(1000);
   expect((await kernelModel(page, kernelId)).execution_state).toBe(
@@ -126,6 +153,11 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
     path: path.join(SCREENSHOTS, 'lab-hibernated.png'),
     animations: 'disabled'
   });
+  const stopped = await page.request.delete(
+    `${URL}/api/kernels/${otherId}?token=${TOKEN}`
+  );
+  expect(stopped.ok()).toBe(true);
+  await expect(other).toHaveCount(0);
 
   // 3. Run the next cell: the server wakes the kernel, the UI follows.
   await runCell(cells.nth(1));
@@ -137,6 +169,8 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
   );
   await expect(item).toHaveAttribute('data-kernelhib-state', 'running');
   await expect(entry).toHaveAttribute('data-kernelhib-state', 'running');
+  // The woken kernel's memory comes with its model, fetched after the wake event.
+  await expect(entry.locator('dd').first()).toHaveText(/^[\d.]+ \w*B in use$/);
   await expect(page.locator('.jp-kernelhib-StatusItem')).toBeHidden();
   await expect(
     page.locator('.Toastify__toast', {

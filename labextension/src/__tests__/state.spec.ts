@@ -8,6 +8,7 @@ import {
   formatSeconds,
   formatTime,
   HIBERNATION_SCHEMA,
+  hibernationNotes,
   isIdle,
   kernelLabel,
   mergeListing,
@@ -15,7 +16,9 @@ import {
   refusalNotice,
   stateLabel,
   statusText,
+  summaryText,
   totalFreed,
+  totalInUse,
   viewFromModel
 } from '../state';
 
@@ -44,7 +47,23 @@ const runningModel: IKernelModel = {
   name: 'python3',
   last_activity: '2026-11-27T00:20:00.000000Z',
   execution_state: 'idle',
-  connections: 1
+  connections: 1,
+  memory_bytes: 80 * MiB
+};
+
+/** Why `auto` used dill, as the server says it. */
+const WHY_NOT_CRIU =
+  'the kernel was not started by kernelhib-provisioner, so CRIU cannot restore it';
+
+/** A kernel hibernated with dill because CRIU could not be used. */
+const dillModel: IKernelModel = {
+  ...hibernatedModel,
+  hibernation: {
+    ...hibernatedModel.hibernation!,
+    engine: 'dill',
+    fallback_reason: WHY_NOT_CRIU,
+    lost: [{ name: 'sock', type: 'socket', reason: 'cannot be pickled' }]
+  }
 };
 
 function event(fields: Partial<IHibernationEvent>): IHibernationEvent {
@@ -62,7 +81,26 @@ describe('viewFromModel', () => {
     expect(view.state).toBe('running');
     expect(view.executionState).toBe('idle');
     expect(view.freedBytes).toBe(0);
+    expect(view.memoryBytes).toBe(80 * MiB);
     expect(view.error).toBe('');
+  });
+
+  it('reads no memory where the server reports none', () => {
+    expect(viewFromModel(hibernatedModel).memoryBytes).toBeNull();
+    const { memory_bytes: _, ...older } = runningModel;
+    expect(viewFromModel(older).memoryBytes).toBeNull();
+  });
+
+  it('reads why CRIU was not used and what dill lost', () => {
+    const view = viewFromModel(dillModel);
+    expect(view.fallbackReason).toBe(WHY_NOT_CRIU);
+    expect(view.lost).toEqual([
+      { name: 'sock', type: 'socket', reason: 'cannot be pickled' }
+    ]);
+    expect(viewFromModel(hibernatedModel)).toMatchObject({
+      fallbackReason: '',
+      lost: []
+    });
   });
 
   it('reads a hibernated kernel', () => {
@@ -122,6 +160,55 @@ describe('parseHibernationEvent', () => {
 describe('applyEvent', () => {
   const running = viewFromModel(runningModel);
 
+  it('hibernate-started: hibernating, for every client, without a notification', () => {
+    const failedBefore = {
+      ...running,
+      error: 'hibernation failed: disk full',
+      fallbackReason: 'an old reason',
+      lost: [{ name: 'x', type: 'int', reason: 'old' }]
+    };
+    const started = event({
+      action: 'hibernate-started',
+      state: 'hibernating'
+    });
+    const view = applyEvent(failedBefore, started);
+    expect(view).toMatchObject({
+      state: 'hibernating',
+      executionState: 'idle',
+      memoryBytes: 80 * MiB,
+      error: '',
+      fallbackReason: '',
+      lost: []
+    });
+    expect(eventNotice(started, 'the kernel of demo.ipynb')).toBeNull();
+    // A client that had not seen the kernel yet shows it too.
+    expect(applyEvent(undefined, started).state).toBe('hibernating');
+  });
+
+  it('wake-started: waking, the image facts kept, without a notification', () => {
+    const hibernated = {
+      ...viewFromModel(hibernatedModel),
+      error: 'wake failed, the image is kept: timeout'
+    };
+    const started = event({
+      action: 'wake-started',
+      state: 'waking',
+      engine: 'criu',
+      freed_bytes: 321 * MiB
+    });
+    const view = applyEvent(hibernated, started);
+    expect(view).toMatchObject({
+      state: 'waking',
+      engine: 'criu',
+      freedBytes: 321 * MiB,
+      imageBytes: 298 * MiB,
+      error: ''
+    });
+    expect(eventNotice(started, 'the kernel of demo.ipynb')).toBeNull();
+    expect(statusText(view)).toBe('Waking…');
+    expect(buttonLook(view).action).toBeNull();
+  });
+
   it('hibernate: the kernel is hibernated, with its sizes', () => {
     const view = applyEvent(
       running,
@@ -140,6 +227,7 @@ describe('applyEvent', () => {
       imageBytes: 10 * MiB,
       freedBytes: 12 * MiB,
       hibernatedAt: 100,
+      memoryBytes: null,
       error: ''
     });
     expect(view.name).toBe('python3');
@@ -160,6 +248,22 @@ describe('applyEvent', () => {
     expect(view.error).toContain('no space left');
   });
 
+  it('hibernate with dill: why not CRIU, and what was lost', () => {
+    const lost = [
+      { name: 'gen', type: 'generator', reason: 'cannot be pickled' }
+    ];
+    const view = applyEvent(
+      beginTransition(running, 'hibernating'),
+      event({ engine: 'dill', fallback_reason: WHY_NOT_CRIU, lost })
+    );
+    expect(view).toMatchObject({
+      state: 'hibernated',
+      engine: 'dill',
+      fallbackReason: WHY_NOT_CRIU,
+      lost
+    });
+  });
+
   it('wake: running again, idle', () => {
     const view = applyEvent(
       viewFromModel(hibernatedModel),
@@ -169,6 +273,8 @@ describe('applyEvent', () => {
     expect(view.executionState).toBe('idle');
     expect(view.seconds).toBe(0.3);
     expect(view.error).toBe('');
+    // A new process: its memory comes with the next fetch.
+    expect(view.memoryBytes).toBeNull();
   });
 
   it('wake-failed: still hibernated, image kept, with the reason', () => {
@@ -186,15 +292,12 @@ describe('applyEvent', () => {
   });
 
   it('an action added later changes the state, without a notification', () => {
-    const started = event({
-      action: 'hibernate-started',
-      state: 'hibernating'
-    });
+    const later = event({ action: 'hibernate-progress', state: 'hibernating' });
     expect(
-      parseHibernationEvent({ schema_id: HIBERNATION_SCHEMA, ...started })
+      parseHibernationEvent({ schema_id: HIBERNATION_SCHEMA, ...later })
     ).not.toBeNull();
-    expect(applyEvent(running, started).state).toBe('hibernating');
-    expect(eventNotice(started, 'the kernel of demo.ipynb')).toBeNull();
+    expect(applyEvent(running, later).state).toBe('hibernating');
+    expect(eventNotice(later, 'the kernel of demo.ipynb')).toBeNull();
   });
 
   it('an event about a kernel not seen yet makes its view', () => {
@@ -230,6 +333,23 @@ describe('mergeListing', () => {
     expect(merged.get('other')?.state).toBe('running');
     expect(mergeListing(merged, [other]).has(ID)).toBe(false);
   });
+
+  it('takes the memory in use of running kernels from the listing', () => {
+    const known = new Map([[ID, viewFromModel(runningModel)]]);
+    const merged = mergeListing(known, [
+      { ...runningModel, memory_bytes: 90 * MiB }
+    ]);
+    expect(merged.get(ID)?.memoryBytes).toBe(90 * MiB);
+    // A listing without it (a server before memory_bytes) keeps the last known.
+    const { memory_bytes: _, ...older } = runningModel;
+    expect(mergeListing(merged, [older]).get(ID)?.memoryBytes).toBe(90 * MiB);
+    // A listing answered before the hibernation event does not bring it back.
+    const hibernated = new Map([[ID, viewFromModel(hibernatedModel)]]);
+    expect(mergeListing(hibernated, [runningModel]).get(ID)).toMatchObject({
+      state: 'hibernated',
+      memoryBytes: null
+    });
+  });
 });
 
 describe('derived values', () => {
@@ -248,6 +368,29 @@ describe('derived values', () => {
       642 * MiB
     );
     expect(totalFreed([])).toBe(0);
+  });
+
+  it('totalInUse: the memory of running kernels that report it', () => {
+    const running = viewFromModel(runningModel);
+    expect(
+      totalInUse([
+        running,
+        { ...running, id: 'b', memoryBytes: null },
+        viewFromModel(hibernatedModel)
+      ])
+    ).toBe(80 * MiB);
+  });
+
+  it('summaryText: memory freed, and in use where reported', () => {
+    const running = viewFromModel(runningModel);
+    const hibernated = viewFromModel(hibernatedModel);
+    expect(summaryText([hibernated, running])).toBe(
+      'Memory freed: 321.0 MiB, by 1 of 2 kernels; in use: 80.0 MiB'
+    );
+    expect(summaryText([hibernated])).toBe(
+      'Memory freed: 321.0 MiB, by 1 of 1 kernel'
+    );
+    expect(summaryText([])).toBe('Memory freed: 0 B, by 0 of 0 kernels');
   });
 });
 
@@ -309,7 +452,12 @@ describe('buttonLook', () => {
       label: '',
       action: 'hibernate'
     });
-    expect(look.tooltip).toMatch(/^Hibernate kernel/);
+    expect(look.tooltip).toBe(
+      'Hibernate kernel: save it to disk and free its memory (80.0 MiB in use)'
+    );
+    expect(buttonLook({ ...running, memoryBytes: null }).tooltip).toBe(
+      'Hibernate kernel: save it to disk and free its memory'
+    );
   });
 
   it('shows a failed hibernation in the tooltip', () => {
@@ -333,6 +481,18 @@ describe('buttonLook', () => {
     expect(look.tooltip).toContain('321.0 MiB memory freed');
     expect(look.tooltip).toContain('image 298.0 MiB');
     expect(look.tooltip).toContain('(criu)');
+    expect(look.tooltip).not.toContain('Hibernated with');
+  });
+
+  it('shows why dill was used, and what it could not keep', () => {
+    const look = buttonLook(viewFromModel(dillModel));
+    expect(look.tooltip).toBe(
+      'Kernel hibernated (dill): 321.0 MiB memory freed, image 298.0 MiB\n' +
+        `Hibernated with dill: ${WHY_NOT_CRIU}\n` +
+        '1 variable could not be saved and will be missing after the wake: ' +
+        'sock (socket: cannot be pickled)\n' +
+        'Click to wake it, or run a cell.'
+    );
   });
 
   it('shows a failed wake and offers to retry', () => {
@@ -356,6 +516,31 @@ describe('buttonLook', () => {
       action: null
     });
     expect(buttonLook(undefined).action).toBeNull();
+  });
+});
+
+describe('hibernationNotes', () => {
+  it('says nothing of a plain CRIU hibernation', () => {
+    expect(hibernationNotes(viewFromModel(hibernatedModel))).toEqual([]);
+  });
+
+  it("ignores the lost variables of a CRIU image's spare dill snapshot", () => {
+    const view = {
+      ...viewFromModel(hibernatedModel),
+      lost: [{ name: 'sock', type: 'socket', reason: 'cannot be pickled' }]
+    };
+    expect(hibernationNotes(view)).toEqual([]);
+  });
+
+  it('says why a CRIU image could not be restored after a failed wake', () => {
+    const view = {
+      ...viewFromModel(hibernatedModel),
+      fallbackReason: 'CRIU could not restore the kernel: libc changed',
+      error: 'wake failed, the image is kept: timeout'
+    };
+    expect(hibernationNotes(view)).toEqual([
+      'CRIU could not restore the kernel: libc changed'
+    ]);
   });
 });
 
@@ -392,6 +577,78 @@ describe('eventNotice', () => {
       type: 'success',
       message:
         'Hibernated the kernel of demo.ipynb in 0.6 s: 321.0 MiB memory freed, image 298.0 MiB.'
+    });
+  });
+
+  it('hibernate with dill: says why not CRIU', () => {
+    expect(
+      eventNotice(
+        event({
+          engine: 'dill',
+          fallback_reason: 'CRIU cannot run here: not root',
+          freed_bytes: 12 * MiB,
+          image_bytes: 2 * MiB,
+          seconds: 1.5
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'success',
+      message:
+        'Hibernated the kernel of demo.ipynb in 1.5 s: 12.0 MiB memory freed, image 2.0 MiB. ' +
+        'Hibernated with dill: CRIU cannot run here: not root.'
+    });
+  });
+
+  it('hibernate with CRIU and a spare dill snapshot: what the snapshot lacks is not lost', () => {
+    const notice = eventNotice(
+      event({
+        engine: 'criu',
+        freed_bytes: MiB,
+        image_bytes: MiB,
+        lost: [{ name: 'gen', type: 'generator', reason: 'cannot be pickled' }]
+      }),
+      kernel
+    );
+    expect(notice?.type).toBe('success');
+    expect(notice?.message).not.toContain('gen');
+  });
+
+  it('wake from the dill snapshot of a CRIU image: a warning with the reason', () => {
+    expect(
+      eventNotice(
+        event({
+          action: 'wake',
+          state: 'running',
+          engine: 'criu',
+          seconds: 2,
+          fallback_reason: 'CRIU could not restore the kernel: libc changed'
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'warning',
+      message:
+        'Woke the kernel of demo.ipynb in 2.0 s from its dill snapshot ' +
+        '(CRIU could not restore the kernel: libc changed).'
+    });
+  });
+
+  it("wake of a dill image: the hibernation's fallback reason is old news", () => {
+    expect(
+      eventNotice(
+        event({
+          action: 'wake',
+          state: 'running',
+          engine: 'dill',
+          seconds: 0.4,
+          fallback_reason: 'CRIU cannot run here: not root'
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'success',
+      message: 'Woke the kernel of demo.ipynb in 0.4 s.'
     });
   });
 
