@@ -357,7 +357,8 @@ class KernelHibernator(LoggingConfigurable):
         try:
             if engine is self._criu:
                 if self.keep_dill_snapshot and km.execution_state != "busy":
-                    meta["lost"] = await self._save_dill(km, staging / DILL_SNAPSHOT)
+                    # Its losses matter only if a wake ever falls back to it.
+                    await self._save_dill(km, staging / DILL_SNAPSHOT)
                 meta["freed_bytes"] = await provisioner.checkpoint(self._criu, staging)
             else:
                 meta["lost"] = await self._save_dill(km, staging)

@@ -137,9 +137,10 @@ async def test_a_failed_criu_restore_wakes_from_the_kept_dill_snapshot(
     start_kernel: Any, api: Any, jp_serverapp: Any
 ) -> None:
     kernel_id, channel = await start_kernel()
-    await channel.execute("value = 'kept'")
+    await channel.execute("value = 'kept'; gen = (i for i in range(3))")
     model = await api("POST", "kernels", kernel_id, "hibernate")
     assert model["hibernation"]["engine"] == "criu"
+    assert "lost" not in model["hibernation"], "CRIU keeps the generator"
     # A file the kernel holds open changed size: CRIU refuses to restore.
     provisioner = jp_serverapp.kernel_manager.get_kernel(kernel_id).provisioner
     history = provisioner.files_dir / "history.sqlite"
@@ -155,6 +156,7 @@ async def test_a_failed_criu_restore_wakes_from_the_kept_dill_snapshot(
     assert (await channel.execute("value"))["result"] == "'kept'"
     wake = [e for e in events if e["action"] == "wake"]
     assert wake and "CRIU could not restore" in wake[0]["fallback_reason"]
+    assert [entry["name"] for entry in wake[0]["lost"]] == ["gen"]
 
 
 async def _append(events: list[dict[str, Any]], data: Any) -> None:
