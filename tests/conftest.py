@@ -309,6 +309,11 @@ class ServerProcess:
             self.process.wait(300)
 
 
+def image_path(serverapp: Any, kernel_id: str) -> Path:
+    """Where the in-process test server keeps a kernel's image."""
+    return Path(serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+
+
 def kernel_processes(kernel_id: str) -> list[int]:
     """Live processes started for this kernel: they carry its id in their environment."""
     marker = f"KERNELHIB_KERNEL_ID={kernel_id}".encode()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import TRACE_A_CHILD, summarize, wait_for_state
+from .conftest import TRACE_A_CHILD, image_path, summarize, wait_for_state
 
 DILL = {"engine": "dill"}
 
@@ -87,7 +87,7 @@ async def test_an_altered_snapshot_is_never_loaded(
     kernel_id, channel = await start_kernel()
     await channel.execute("value = 42")
     await api("POST", "kernels", kernel_id, "hibernate", body=DILL)
-    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    image = image_path(jp_serverapp, kernel_id)
     pickle_file = image / "namespace.pkl"
     original = pickle_file.read_bytes()
     pickle_file.write_bytes(original + b".")

@@ -14,7 +14,7 @@ from kernelhib.engines.criu import CriuEngine
 from kernelhib.hibernator import KernelHibernator
 from kernelhib.image_store import ImageStore
 
-from .conftest import TRACE_A_CHILD, wait_for_state
+from .conftest import TRACE_A_CHILD, image_path, wait_for_state
 
 pytestmark = pytest.mark.criu
 
@@ -122,7 +122,7 @@ async def test_failed_wake_keeps_the_image_and_a_later_wake_succeeds(
     model = await api("GET", "kernels", kernel_id)
     assert model["execution_state"] == "hibernated"
     assert "criu restore failed" in model["hibernation"]["error"]
-    assert (Path(provisioner.parent.parent.hibernator.image_dir) / kernel_id).is_dir()
+    assert image_path(jp_serverapp, kernel_id).is_dir()
 
     history.write_bytes(original)
     await api("POST", "kernels", kernel_id, "wake")

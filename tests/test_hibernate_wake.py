@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import summarize, wait_for_state
+from .conftest import image_path, summarize, wait_for_state
 
 pytestmark = pytest.mark.criu
 
@@ -215,7 +215,7 @@ async def test_image_is_private_while_hibernated(
 ) -> None:
     kernel_id, _ = await start_kernel()
     await api("POST", "kernels", kernel_id, "hibernate")
-    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    image = image_path(jp_serverapp, kernel_id)
     assert stat.S_IMODE(image.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(image.stat().st_mode) == 0o700
     files = [p for p in image.rglob("*") if p.is_file()]
@@ -230,7 +230,7 @@ async def test_tampered_image_is_refused_and_kept(
     kernel_id, channel = await start_kernel()
     await channel.execute("value = 42")
     await api("POST", "kernels", kernel_id, "hibernate")
-    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    image = image_path(jp_serverapp, kernel_id)
     pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
     original = pages.read_bytes()
     pages.write_bytes(original[:4096] + bytes([original[4096] ^ 1]) + original[4097:])

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import TRACE_A_CHILD, wait_for_state
+from .conftest import TRACE_A_CHILD, image_path, wait_for_state
 
 pytestmark = [pytest.mark.criu, pytest.mark.usefixtures("started_extensions")]
 
@@ -100,7 +100,7 @@ async def test_kernel_hibernated_past_discard_after_is_shut_down_with_its_image(
 ) -> None:
     kernel_id, _ = await start_kernel()
     await api("POST", "kernels", kernel_id, "hibernate")
-    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    image = image_path(jp_serverapp, kernel_id)
     assert image.is_dir()
 
     for _ in range(100):

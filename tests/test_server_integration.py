@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kernelhib.engines import criu
+
+from .conftest import image_path
 
 pytestmark = pytest.mark.criu
 
@@ -45,7 +46,7 @@ async def test_shutting_down_a_hibernated_kernel_discards_its_image(
 ) -> None:
     kernel_id, _ = await start_kernel()
     await api("POST", "kernels", kernel_id, "hibernate")
-    image = Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+    image = image_path(jp_serverapp, kernel_id)
     assert image.is_dir()
 
     await api("DELETE", "kernels", kernel_id, expect=204)
@@ -65,7 +66,7 @@ async def test_restarting_a_hibernated_kernel_starts_fresh(
 
     assert model["id"] == kernel_id
     assert "hibernation" not in model
-    assert not (Path(jp_serverapp.kernel_manager.hibernator.image_dir) / kernel_id).exists()
+    assert not image_path(jp_serverapp, kernel_id).exists()
     channel = await open_channel(kernel_id)  # JupyterLab reconnects after a restart too
     result = await channel.execute("'value' in dir()")
     assert result["result"] == "False"
