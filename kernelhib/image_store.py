@@ -19,6 +19,8 @@ import secrets
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -61,17 +63,20 @@ def _digest(path: Path, chunk: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path, evict: bool = False) -> None:
-    """Make ``path`` durable; with ``evict``, also drop it from the page cache.
-
-    A hibernated kernel's image must not take back, as cache, the memory that
-    hibernating it just freed.
-    """
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        if evict:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _evict(path: Path) -> None:
+    """Drop a durable file from the page cache: a hibernated kernel's image must
+    not take back, as cache, the memory that hibernating it just freed."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -141,20 +146,28 @@ class ImageStore:
 
         Every file is fsynced and hashed, then the signed manifest is written
         and the directory renamed into place. Until that rename, no image exists.
+        The disk writes the files back while they are hashed from the page cache.
         """
         final = self.path(kernel_id)
         if final.exists():
             raise ImageError(f"an image of kernel {kernel_id} already exists at {final}")
-        files: dict[str, dict[str, Any]] = {}
-        for file in sorted(p for p in staging.rglob("*") if p.is_file()):
-            os.chmod(file, 0o600)
-            files[str(file.relative_to(staging))] = {
-                "size": file.stat().st_size,
-                "blake3": _digest(file),  # while the file is still in the page cache
-            }
-            _fsync(file, evict=True)
-        if not files:
+        paths = sorted(p for p in staging.rglob("*") if p.is_file())
+        if not paths:
             raise ImageError(f"the engine wrote no files into {staging}")
+        for file in paths:
+            os.chmod(file, 0o600)
+        with ThreadPoolExecutor(1) as writeback:
+            synced = writeback.submit(lambda: [_fsync(file) for file in paths])
+            files = {
+                str(file.relative_to(staging)): {
+                    "size": file.stat().st_size,
+                    "blake3": _digest(file),
+                }
+                for file in paths
+            }
+            synced.result()
+        for file in paths:
+            _evict(file)
         manifest = {**meta, "kernel_id": kernel_id, "created": time.time(), "files": files}
         manifest["signature"] = self._sign(manifest)
         manifest_path = staging / MANIFEST
@@ -168,15 +181,27 @@ class ImageStore:
         _fsync(self.root)
         return Image(final, manifest)
 
-    def load(self, kernel_id: str) -> Image:
-        """The image of ``kernel_id``, after checking its signature and every file's hash."""
+    def load(self, kernel_id: str, later: Callable[[str], bool] | None = None) -> Image:
+        """The image of ``kernel_id``, after checking its signature and its files' hashes.
+
+        Files for which ``later(name)`` is true are left for :meth:`verify`: an
+        engine may read bulk data (never code or structure) meanwhile, as long
+        as nothing runs before that check passes.
+        """
         image = self.read(kernel_id)
         if not hmac.compare_digest(image.manifest.get("signature", ""), self._sign(image.manifest)):
             raise ImageError(
                 f"the manifest of {image.path} is not signed by this server's key: "
                 "it was altered or written elsewhere; the image is kept for inspection"
             )
-        for name, entry in image.manifest["files"].items():
+        files = image.manifest["files"]
+        self.verify(image, [name for name in files if not (later and later(name))])
+        return image
+
+    def verify(self, image: Image, names: Iterable[str]) -> None:
+        """Check the named files of a signed image against their hashes."""
+        for name in names:
+            entry = image.manifest["files"][name]
             file = image.path / name
             if not file.is_file():
                 raise ImageError(f"image file {file} is missing; the image is kept for inspection")
@@ -185,7 +210,6 @@ class ImageStore:
                     f"image file {file} does not match its signed hash: it was altered "
                     "after hibernation; the image is kept for inspection"
                 )
-        return image
 
     def read(self, kernel_id: str) -> Image:
         """The image's manifest as written, unverified: for listing, never for loading."""

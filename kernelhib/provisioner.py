@@ -208,7 +208,10 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             self.kernel.resume()
 
     async def restore(self, engine: CriuEngine, image_dir: Path) -> None:
-        """Bring the kernel back from its image, as our child, in a new pid namespace."""
+        """Bring the kernel back from its image, as our child, in a new pid namespace.
+
+        It is left stopped: :meth:`resume` lets it run.
+        """
         pid = await engine.restore(image_dir)
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid

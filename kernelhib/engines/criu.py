@@ -31,7 +31,7 @@ _COMMON = {
 _DUMP = {**_COMMON, "leave_stopped": "--leave-stopped"}
 # Sibling: the restored kernel becomes our child, so we can reap it, and
 # ipykernel's parent poller sees no change of parent.
-_RESTORE = {**_COMMON, "rst_sibling": "--restore-sibling"}
+_RESTORE = {**_COMMON, "rst_sibling": "--restore-sibling", "leave_stopped": "--leave-stopped"}
 
 DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
@@ -178,8 +178,17 @@ class CriuEngine(Engine):
                 (Path(f"/proc/{pid}/cwd") / _PROC_MOUNT).rmdir()
             await asyncio.to_thread(self.driver.dump, pid, image_dir)
 
+    @staticmethod
+    def is_bulk(name: str) -> bool:
+        """Whether an image file is raw memory, copied into the process and never parsed:
+        such files may be checked while the restore reads them."""
+        return name.startswith("pages-") and name.endswith(".img")
+
     async def restore(self, image_dir: Path) -> int:
-        """Restore the tree from ``image_dir`` as our child; return its host pid."""
+        """Restore the tree from ``image_dir`` as our child, stopped; return its host pid.
+
+        Nothing of the kernel runs until the caller continues it (SIGCONT).
+        """
         for name in _STALE:
             (image_dir / name).unlink(missing_ok=True)
         return await asyncio.to_thread(self.driver.restore, image_dir)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import queue
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ class DillEngine(Engine):
         while True:
             try:
                 reply = await client.get_shell_msg(timeout=timeout)
-            except TimeoutError as exc:
+            except queue.Empty as exc:
                 raise EngineError(f"the kernel did not answer the dill {function} in time") from exc
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
