@@ -125,9 +125,6 @@ class ImageStore:
             raise ImageError(f"invalid kernel id {kernel_id!r}")
         return self.root / kernel_id
 
-    def exists(self, kernel_id: str) -> bool:
-        return (self.path(kernel_id) / MANIFEST).is_file()
-
     def kernel_ids(self) -> list[str]:
         """The kernels that have a committed image here."""
         return sorted(

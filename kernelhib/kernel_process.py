@@ -104,12 +104,7 @@ class KernelProcess:
         return tree_memory(self.pid) if self.poll() is None else 0
 
     def resume(self) -> None:
-        """Continue every process of the tree after a checkpoint left it stopped."""
+        """Continue every process of the tree that a checkpoint or a restore left stopped."""
         for pid in self.tree():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
-
-    def close(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None

@@ -37,7 +37,7 @@ def test_committed_image_loads_with_its_metadata(tmp_path: Path) -> None:
 def test_staging_is_not_an_image_until_committed(tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "images")
     staging = staged(store)
-    assert not store.exists(KERNEL)
+    assert store.kernel_ids() == []
     with pytest.raises(ImageError, match="no image of kernel"):
         store.load(KERNEL)
     store.discard(staging)
