@@ -203,7 +203,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         return memory
 
     def resume(self) -> None:
-        """Undo :meth:`checkpoint`: let the stopped kernel run on."""
+        """Let the kernel that :meth:`checkpoint` or :meth:`restore` left stopped run on."""
         if self.kernel:
             self.kernel.resume()
 
