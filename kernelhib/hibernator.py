@@ -513,6 +513,10 @@ class KernelHibernator(LoggingConfigurable):
         jupyter_client's ``wait_for_ready`` would also drain IOPub for 0.2 s,
         which every wake would pay for.
         """
+        # The server's own IOPub subscribers (activity, %hibernate requests)
+        # reconnect at once, rather than at their next retry, and miss nothing
+        # of the first cell.
+        self.kernel_manager.rewatch(km.kernel_id)
         deadline = time.monotonic() + self.wake_timeout
         async with _client(km) as client:
             while time.monotonic() < deadline:

@@ -87,6 +87,11 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
             self.hibernator, kernel_id, self.get_kernel(kernel_id)
         )
 
+    def rewatch(self, kernel_id: str) -> None:
+        """Fresh IOPub subscribers for a kernel that came back: they connect at once."""
+        self.stop_watching_activity(kernel_id)
+        self.start_watching_activity(kernel_id)
+
     def stop_watching_activity(self, kernel_id: str) -> None:
         requests = self.hibernate_requests.pop(kernel_id, None)
         if requests is not None:
