@@ -353,7 +353,6 @@ class KernelHibernator(LoggingConfigurable):
             "cwd": str(getattr(provisioner, "cwd", "") or ""),
             "connection": _json_connection_info(km),
             "fallback_reason": fallback,
-            "freed_bytes": tree_memory(provisioner.pid) if provisioner.pid else 0,
         }
         try:
             if engine is self._criu:
@@ -362,6 +361,8 @@ class KernelHibernator(LoggingConfigurable):
                     await self._save_dill(km, staging / DILL_SNAPSHOT)
                 meta["freed_bytes"] = await provisioner.checkpoint(self._criu, staging)
             else:
+                # Measured while the kernel still runs: it ends after the commit.
+                meta["freed_bytes"] = tree_memory(provisioner.pid) if provisioner.pid else 0
                 meta["lost"] = await self._save_dill(km, staging)
             try:
                 return await asyncio.to_thread(self.store.commit, staging, km.kernel_id, meta)
@@ -584,9 +585,9 @@ class KernelHibernator(LoggingConfigurable):
             self.log.info("Adopted hibernated kernel %s from %s", kernel_id, image.path)
 
     async def forget(self, kernel_id: str) -> None:
-        """Drop a hibernated kernel's image: it is being shut down or restarted."""
+        """Forget a kernel being shut down or restarted, and its image if it has one."""
         record = self._records.pop(kernel_id, None)
-        if record is None:
+        if record is None or record.state == "running":
             return
         if record.waking is not None:
             await asyncio.gather(record.waking, return_exceptions=True)

@@ -101,9 +101,9 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
     async def _async_shutdown_kernel(
         self, kernel_id: str, now: bool = False, restart: bool = False
     ) -> None:
-        if self.hibernator.is_hibernated(kernel_id):
-            await self.hibernator.forget(kernel_id)
-            now = True
+        # A hibernated kernel has no process to ask: shut it down at once.
+        now = now or self.hibernator.is_hibernated(kernel_id)
+        await self.hibernator.forget(kernel_id)
         await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
 
     async def _async_restart_kernel(self, kernel_id: str, now: bool = False) -> None:
