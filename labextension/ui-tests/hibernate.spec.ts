@@ -171,7 +171,9 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
   // the notification center keeps every notification.
   await page.locator('.jp-Notification-Status').click();
   await expect(
-    page.getByText(/^Woke the kernel of hibernate\.ipynb in [\d.]+ m?s\.$/)
+    page
+      .locator('.jp-Notification-Center')
+      .getByText(/^Woke the kernel of hibernate\.ipynb in [\d.]+ m?s\.$/)
   ).toBeVisible();
   await page.locator('.jp-Notification-Status').click();
   await expect(item).toHaveAttribute('data-kernelhib-state', 'running');
