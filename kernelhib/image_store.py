@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from blake3 import blake3
-
+from .disk_io import WriteBehind, digest, evict, fsync
 from .paths import private_dir
 
 MANIFEST = "manifest.json"
@@ -50,35 +49,6 @@ class Image:
     @property
     def bytes(self) -> int:
         return sum(entry["size"] for entry in self.manifest["files"].values())
-
-
-def _digest(path: Path, chunk: int = 16 << 20) -> str:
-    """BLAKE3 of a file: a cryptographic hash five times faster than SHA-256 here,
-    which matters when a multi-GiB image is hashed on every hibernation and wake."""
-    digest = blake3(max_threads=blake3.AUTO)
-    with path.open("rb", buffering=0) as f:
-        buffer = memoryview(bytearray(chunk))
-        while size := f.readinto(buffer):
-            digest.update(buffer[:size])
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _evict(path: Path) -> None:
-    """Drop a durable file from the page cache: a hibernated kernel's image must
-    not take back, as cache, the memory that hibernating it just freed."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:
@@ -119,6 +89,7 @@ class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = private_dir(Path(root))
         self._key = _load_key(self.root / _KEY_FILE)
+        self._writing: dict[Path, WriteBehind] = {}
 
     def path(self, kernel_id: str) -> Path:
         if not kernel_id or "/" in kernel_id or kernel_id.startswith("."):
@@ -134,9 +105,19 @@ class ImageStore:
         )
 
     def stage(self, kernel_id: str) -> Path:
-        """A fresh private directory for an engine to write an image into."""
+        """A fresh private directory for an engine to write an image into.
+
+        The disk starts writing its files while the engine writes them; :meth:`commit`
+        or :meth:`discard` ends that.
+        """
         self.path(kernel_id)  # validates the id
-        return private_dir(self.root / f"{_STAGING_PREFIX}{kernel_id}.{uuid.uuid4().hex[:8]}")
+        staging = private_dir(self.root / f"{_STAGING_PREFIX}{kernel_id}.{uuid.uuid4().hex[:8]}")
+        self._writing[staging] = WriteBehind(staging)
+        return staging
+
+    def _written(self, staging: Path) -> None:
+        if writer := self._writing.pop(staging, None):
+            writer.stop()
 
     def commit(self, staging: Path, kernel_id: str, meta: dict[str, Any]) -> Image:
         """Make ``staging`` the image of ``kernel_id``: durable, hashed, signed.
@@ -145,6 +126,7 @@ class ImageStore:
         and the directory renamed into place. Until that rename, no image exists.
         The disk writes the files back while they are hashed from the page cache.
         """
+        self._written(staging)
         final = self.path(kernel_id)
         if final.exists():
             raise ImageError(f"an image of kernel {kernel_id} already exists at {final}")
@@ -154,17 +136,17 @@ class ImageStore:
         for file in paths:
             os.chmod(file, 0o600)
         with ThreadPoolExecutor(1) as writeback:
-            synced = writeback.submit(lambda: [_fsync(file) for file in paths])
+            synced = writeback.submit(lambda: [fsync(file) for file in paths])
             files = {
                 str(file.relative_to(staging)): {
                     "size": file.stat().st_size,
-                    "blake3": _digest(file),
+                    "blake3": digest(file),
                 }
                 for file in paths
             }
             synced.result()
         for file in paths:
-            _evict(file)
+            evict(file)
         manifest = {**meta, "kernel_id": kernel_id, "created": time.time(), "files": files}
         manifest["signature"] = self._sign(manifest)
         manifest_path = staging / MANIFEST
@@ -173,9 +155,9 @@ class ImageStore:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(staging)
+        fsync(staging)
         staging.rename(final)
-        _fsync(self.root)
+        fsync(self.root)
         return Image(final, manifest)
 
     def load(self, kernel_id: str, later: Callable[[str], bool] | None = None) -> Image:
@@ -202,7 +184,7 @@ class ImageStore:
             file = image.path / name
             if not file.is_file():
                 raise ImageError(f"image file {file} is missing; the image is kept for inspection")
-            if file.stat().st_size != entry["size"] or _digest(file) != entry["blake3"]:
+            if file.stat().st_size != entry["size"] or digest(file) != entry["blake3"]:
                 raise ImageError(
                     f"image file {file} does not match its signed hash: it was altered "
                     "after hibernation; the image is kept for inspection"
@@ -222,6 +204,7 @@ class ImageStore:
     def discard(self, path_or_id: Path | str) -> None:
         """Delete an image (or a staging directory); missing is fine."""
         path = path_or_id if isinstance(path_or_id, Path) else self.path(path_or_id)
+        self._written(path)
         shutil.rmtree(path, ignore_errors=True)
 
     def retire(self, kernel_id: str) -> Path:

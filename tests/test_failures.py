@@ -38,21 +38,21 @@ async def fail_end(self: Any, km: Any, graceful: bool = False) -> None:
 
 
 def fail_after_first_hash() -> Any:
-    real, calls = image_store._digest, []
+    real, calls = image_store.digest, []
 
-    def _digest(path: Path) -> str:
+    def digest(path: Path) -> str:
         calls.append(path)
         if len(calls) > 1:
             raise OSError("injected: I/O error while hashing the image")
         return real(path)
 
-    return _digest
+    return digest
 
 
 FAULTS = {
     "create staging directory": (ImageStore, "stage", fail("injected: disk full")),
     "freeze and dump": (CriuEngine, "dump", fail_dump),
-    "verify and fsync image": (image_store, "_digest", None),
+    "verify and fsync image": (image_store, "digest", None),
     "sign manifest": (ImageStore, "_sign", fail("injected: cannot sign")),
     "end the process": (KernelHibernator, "_end_process", fail_end),
 }
