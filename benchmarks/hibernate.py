@@ -49,6 +49,8 @@ from blake3 import blake3
 from jupyter_client.jsonutil import json_default
 from jupyter_client.session import Session
 
+from kernelhib.kernel_process import available_memory
+
 GIB = 1 << 30
 MIB = 1 << 20
 CHUNK = 64 * MIB
@@ -72,14 +74,6 @@ class BenchmarkError(RuntimeError):
 
 
 # Measurements of the machine.
-
-
-def mem_available() -> int:
-    """MemAvailable from /proc/meminfo, in bytes."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise BenchmarkError("no MemAvailable in /proc/meminfo")
 
 
 def kernel_pids(kernel_id: str) -> list[int]:
@@ -121,9 +115,37 @@ def others_rss(exclude: list[int]) -> int:
     return memory["anon"] + memory["shmem"]
 
 
+def _disk_activity() -> list[str]:
+    """The I/O counters of every disk (virtual devices left out)."""
+    return [
+        stat.read_text()
+        for stat in Path("/sys/block").glob("*/stat")
+        if not stat.parent.name.startswith(("loop", "zram", "ram", "dm-"))
+    ]
+
+
+def settle_disks(quiet_s: float = 0.3, timeout_s: float = 15) -> None:
+    """Wait until no disk has done any I/O for ``quiet_s``.
+
+    Deleting a file on a filesystem mounted with ``discard`` (like this VM's
+    root) sends the disk a TRIM for its blocks some time after the delete;
+    a multi-GiB TRIM, left over from the previous run's files, slowed the
+    next timed write or dump by up to 3x. Each timed step starts on an idle disk.
+    """
+    deadline = time.monotonic() + timeout_s
+    last, quiet_since = _disk_activity(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < quiet_s:
+        time.sleep(0.05)
+        now = _disk_activity()
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+
+
 def drop_caches(enabled: bool) -> None:
-    """Write back dirty pages and, if ``enabled``, empty the page cache."""
+    """Write back dirty pages, wait for the disk to go idle and, if ``enabled``, empty
+    the page cache."""
     os.sync()
+    settle_disks()
     if enabled:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
@@ -545,16 +567,16 @@ def hibernate_and_wake(
     pids = kernel_pids(kernel_id)
     memory = rss_bytes(pids)
     drop_caches(drop)
-    available = mem_available()
+    available = available_memory()
     server_rss = rss_bytes([server.process.pid])["rss"]
     others = others_rss(pids)
     started = time.perf_counter()
     model = server.request("POST", f"api/kernels/{kernel_id}/hibernate", {"engine": engine})
     hibernate_s = time.perf_counter() - started
     time.sleep(0.5)  # let the freed memory show in /proc/meminfo
-    freed_cached = mem_available() - available
+    freed_cached = available_memory() - available
     drop_caches(drop)
-    freed = mem_available() - available
+    freed = available_memory() - available
     server_growth = rss_bytes([server.process.pid])["rss"] - server_rss
     others_growth = others_rss(pids) - others
     hibernation = model["hibernation"]
@@ -606,7 +628,7 @@ def plain_dill_run(
     """dill.dump_module (then fsync) and, from a cold page cache, dill.load_module, in the
     kernel; the loaded copy is checked against the kernel's data and dropped."""
     need = 3 * (workload.bytes or 0) + GIB
-    if mem_available() < need:
+    if available_memory() < need:
         return {"skipped": f"less than {_size(need)} of memory available"}
     result = plain_dill(channel, f"dump({str(path)!r})")
     drop_caches(drop)

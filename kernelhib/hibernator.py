@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import queue
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -421,15 +421,22 @@ class KernelHibernator(LoggingConfigurable):
         self._emit("wake-started", kernel_id, record)
         restarted = True
         try:
+            image = await asyncio.to_thread(self.store.read, kernel_id)
             # The signature check covers the engine too: a manifest claiming CRIU
             # for a dill image, to get its pickles checked late, is refused.
-            claimed = (await asyncio.to_thread(self.store.read, kernel_id)).manifest
-            is_criu = claimed.get("engine") == self._criu.name
-            later = self._criu.is_bulk if is_criu else None
-            image = await asyncio.to_thread(self.store.load, kernel_id, later)
-            if is_criu:
+            is_criu = image.manifest.get("engine") == self._criu.name
+            pages = self._check_pages(image) if is_criu else None
+            try:
+                await asyncio.to_thread(
+                    self.store.authenticate, image, self._criu.is_bulk if is_criu else None
+                )
+            except BaseException:
+                if pages:
+                    await asyncio.gather(pages, return_exceptions=True)
+                raise
+            if pages:
                 try:
-                    await self._restore_criu(km, image)
+                    await self._restore_criu(km, image, pages)
                     restarted = False
                 except EngineError as exc:
                     if not (image.path / DILL_SNAPSHOT).is_dir():
@@ -468,20 +475,26 @@ class KernelHibernator(LoggingConfigurable):
         # making the user wait for a multi-GiB delete.
         self._later(asyncio.to_thread(self.store.discard, self.store.retire(kernel_id)))
 
-    async def _restore_criu(self, km: KernelManager, image: Image) -> None:
+    def _check_pages(self, image: Image) -> asyncio.Future[None]:
+        """Start checking a CRIU image's memory pages against the (not yet authenticated)
+        manifest: the bulk of the image, read from the disk while everything else
+        is checked and CRIU starts. The result counts only once the signature passed."""
+        files = image.manifest.get("files", {})
+        bulk = [name for name in files if self._criu.is_bulk(name)]
+        return asyncio.ensure_future(asyncio.to_thread(self.store.verify, image, bulk))
+
+    async def _restore_criu(self, km: KernelManager, image: Image, pages: Awaitable[None]) -> None:
         """Restore the kernel while its memory pages are checked; run it once they pass.
 
         Both read the same files, so the disk reads them once.
         """
-        bulk = [name for name in image.manifest["files"] if self._criu.is_bulk(name)]
-        checked = asyncio.ensure_future(asyncio.to_thread(self.store.verify, image, bulk))
         try:
             await km.provisioner.restore(self._criu, image.path)
         except BaseException:
-            await asyncio.gather(checked, return_exceptions=True)
+            await asyncio.gather(pages, return_exceptions=True)
             raise
         try:
-            await checked
+            await pages
             km.provisioner.resume()
             await self._until_responsive(km)
         except BaseException:

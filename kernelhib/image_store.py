@@ -161,13 +161,16 @@ class ImageStore:
         return Image(final, manifest)
 
     def load(self, kernel_id: str, later: Callable[[str], bool] | None = None) -> Image:
-        """The image of ``kernel_id``, after checking its signature and its files' hashes.
+        """The image of ``kernel_id``, after checking its signature and its files' hashes."""
+        return self.authenticate(self.read(kernel_id), later)
+
+    def authenticate(self, image: Image, later: Callable[[str], bool] | None = None) -> Image:
+        """Check a :meth:`read` image's signature and its files' hashes.
 
         Files for which ``later(name)`` is true are left for :meth:`verify`: an
         engine may read bulk data (never code or structure) meanwhile, as long
         as nothing runs before that check passes.
         """
-        image = self.read(kernel_id)
         if not hmac.compare_digest(image.manifest.get("signature", ""), self._sign(image.manifest)):
             raise ImageError(
                 f"the manifest of {image.path} is not signed by this server's key: "

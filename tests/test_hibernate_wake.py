@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from kernelhib.kernel_process import available_memory
+
 from .conftest import image_path, summarize, wait_for_state
 
 pytestmark = pytest.mark.criu
@@ -41,17 +43,10 @@ print(os.getpid())
 """
 
 
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no MemAvailable in /proc/meminfo")
-
-
 async def memory_returned(available_before: int, expected: float, wait: float = 3) -> bool:
     """Whether the system's available memory grew by ``expected`` bytes (freeing lags a bit)."""
     for _ in range(int(wait / 0.1)):
-        if mem_available() - available_before > expected:
+        if available_memory() - available_before > expected:
             return True
         await asyncio.sleep(0.1)
     return False
@@ -78,7 +73,7 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
     pid = kernel_pid(jp_serverapp, kernel_id)
     private = private_memory(pid)
     assert private > 2**30
-    available_before = mem_available()
+    available_before = available_memory()
 
     model = await api("POST", "kernels", kernel_id, "hibernate")
 
@@ -90,7 +85,7 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
     assert not Path(f"/proc/{pid}").exists(), "the kernel process must be gone"
     # 0.7, not 1: other processes on the machine allocate meanwhile.
     assert await memory_returned(available_before, 0.7 * private), (
-        f"{(mem_available() - available_before) >> 20} MiB returned of {private >> 20} MiB"
+        f"{(available_memory() - available_before) >> 20} MiB returned of {private >> 20} MiB"
     )
     listed = {k["id"]: k for k in await api("GET", "kernels")}
     assert listed[kernel_id]["execution_state"] == "hibernated"
