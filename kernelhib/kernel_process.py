@@ -71,6 +71,11 @@ def available_memory() -> int:
     return available * 1024 + per_cpu * os.sysconf("SC_PAGE_SIZE")
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class KernelProcess:
     """The kernel's root process: poll, signal, wait, and measure its whole tree."""
 
@@ -103,10 +108,21 @@ class KernelProcess:
             os.close(self._pidfd)
             self._pidfd = None
 
-    async def wait(self, interval: float = 0.05) -> int:
-        """Wait for the process to end; return its status as :meth:`poll` does."""
+    async def wait(self) -> int:
+        """Wait for the process to end; return its status as :meth:`poll` does.
+
+        A pidfd turns readable when its process ends: no polling delay, which
+        every hibernation would pay once its kernel is killed.
+        """
+        loop = asyncio.get_running_loop()
         while (status := self.poll()) is None:
-            await asyncio.sleep(interval)
+            assert self._pidfd is not None  # poll() returns the status once it is closed
+            ended = loop.create_future()
+            loop.add_reader(self._pidfd, _resolve, ended)
+            try:
+                await ended
+            finally:
+                loop.remove_reader(self._pidfd)
         return status
 
     def send_signal(self, signum: int) -> None:
