@@ -74,6 +74,8 @@ noisy.level = 11
 
 thing = userlib.Thing(5)  # a class pickled by reference, from a module on LIBDIR
 array = np.arange(12).reshape(3, 4)
+big = np.arange(500_000, dtype=np.float64)  # 4 MB: loaded into memory of its own
+evens = big[::2]  # a view of it
 frame = pd.DataFrame({"n": [1, 2, 3], "s": ["x", "y", "z"]})
 
 gen = (i for i in range(3))
@@ -116,7 +118,7 @@ KEPT = sorted(
     [
         *("WORKDIR", "LIBDIR", "answer", "words", "a", "b", "counter", "bump", "twice", "helper"),
         *("make_adder", "add3", "square", "Point", "point", "Noisy", "noisy", "thing", "array"),
-        "frame",
+        *("big", "evens", "frame"),
     ]
 )
 MODULES = {
@@ -290,6 +292,14 @@ def test_numpy_and_pandas(scenario: Scenario) -> None:
         [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]],
         "int64",
     ]
+    assert kernel.value("float(big.sum()), float(evens[-1]), big.flags.writeable") == [
+        124999750000.0,
+        499998.0,
+        True,
+    ]
+    # numpy pickles a view's data, not its base: it comes back as an array of its own
+    # (docs/engines.md says so).
+    assert kernel.value("big.__setitem__(2, -1.0), float(evens[1])") == [None, 2.0]
     assert kernel.value("frame.to_dict('list')") == {"n": [1, 2, 3], "s": ["x", "y", "z"]}
     assert kernel.value("np.ones(2).sum(), pd.__name__") == [2.0, "pandas"]
 

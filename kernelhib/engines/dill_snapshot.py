@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import io
 import json
+import mmap
 import os
 import pickle
 import re
@@ -41,6 +42,7 @@ STATE = "state.json"
 _PICKLE = "namespace.pkl"
 _DATA = "namespace.data"  # the arrays' data, out of band
 _FORMAT = 1
+_BIG = 1 << 20  # arrays from this size get memory of their own (mmap) on load
 
 # IPython's own names: history is restored as history, the rest exists in any kernel.
 _IPYTHON_NAMES = re.compile(r"(In|Out|exit|quit|get_ipython|_[iod]h|_i{1,3}|_i\d+|_\d+|_{1,3})\Z")
@@ -174,21 +176,30 @@ class _Feed:
     """The out-of-band array data of the value being loaded, taken by the unpickler in order."""
 
     def __init__(self) -> None:
-        self._buffers: Iterator[bytearray] = iter(())
+        self._buffers: Iterator[bytearray | mmap.mmap] = iter(())
 
     def __iter__(self) -> _Feed:
         return self
 
-    def __next__(self) -> bytearray:
+    def __next__(self) -> bytearray | mmap.mmap:
         return next(self._buffers)
 
     def read(self, data: IO[bytes], offset: int, sizes: list[int]) -> None:
         data.seek(offset)
-        buffers = [bytearray(size) for size in sizes]
+        buffers = [_array_memory(size) for size in sizes]
         for buffer in buffers:
             if data.readinto(buffer) != len(buffer):
                 raise EOFError(f"{data.name} is truncated")
         self._buffers = iter(buffers)
+
+
+def _array_memory(size: int) -> bytearray | mmap.mmap:
+    """Memory for an array's data, to read it into: a big bytearray is zero-filled
+    first, so each of its pages would be touched twice (1 GiB loaded in 1.2 s
+    instead of 0.65 s here). Fresh private anonymous memory is zero already."""
+    if size < _BIG:
+        return bytearray(size)
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 def _nbytes(buffer: pickle.PickleBuffer) -> int:
