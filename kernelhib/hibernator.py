@@ -344,7 +344,9 @@ class KernelHibernator(LoggingConfigurable):
         On failure the kernel runs on untouched and no image or staging is left.
         """
         provisioner = km.provisioner
-        staging = await asyncio.to_thread(self.store.stage, km.kernel_id)
+        # CRIU writes each memory page file once, front to back: hashed as it is written.
+        appended = self._criu.is_bulk if engine is self._criu else None
+        staging = await asyncio.to_thread(self.store.stage, km.kernel_id, appended)
         meta: dict[str, Any] = {
             "engine": engine.name,
             "kernel_name": km.kernel_name,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .disk_io import WriteBehind, digest, evict, fsync
+from .disk_io import Partial, WriteBehind, digest, evict, fsync
 from .paths import private_dir
 
 MANIFEST = "manifest.json"
@@ -104,20 +104,21 @@ class ImageStore:
             if not p.parent.name.startswith(".")
         )
 
-    def stage(self, kernel_id: str) -> Path:
+    def stage(self, kernel_id: str, appended: Callable[[str], bool] | None = None) -> Path:
         """A fresh private directory for an engine to write an image into.
 
-        The disk starts writing its files while the engine writes them; :meth:`commit`
-        or :meth:`discard` ends that.
+        The disk starts writing its files while the engine writes them, and the
+        files the engine only appends to (``appended(name)``) are hashed as they
+        grow; :meth:`commit` or :meth:`discard` ends that.
         """
         self.path(kernel_id)  # validates the id
         staging = private_dir(self.root / f"{_STAGING_PREFIX}{kernel_id}.{uuid.uuid4().hex[:8]}")
-        self._writing[staging] = WriteBehind(staging)
+        self._writing[staging] = WriteBehind(staging, appended)
         return staging
 
-    def _written(self, staging: Path) -> None:
-        if writer := self._writing.pop(staging, None):
-            writer.stop()
+    def _written(self, staging: Path) -> dict[Path, Partial]:
+        writer = self._writing.pop(staging, None)
+        return writer.stop() if writer else {}
 
     def commit(self, staging: Path, kernel_id: str, meta: dict[str, Any]) -> Image:
         """Make ``staging`` the image of ``kernel_id``: durable, hashed, signed.
@@ -126,7 +127,7 @@ class ImageStore:
         and the directory renamed into place. Until that rename, no image exists.
         The disk writes the files back while they are hashed from the page cache.
         """
-        self._written(staging)
+        partials = self._written(staging)
         final = self.path(kernel_id)
         if final.exists():
             raise ImageError(f"an image of kernel {kernel_id} already exists at {final}")
@@ -140,7 +141,7 @@ class ImageStore:
             files = {
                 str(file.relative_to(staging)): {
                     "size": file.stat().st_size,
-                    "blake3": digest(file),
+                    "blake3": digest(file, partial=partials.get(file)),
                 }
                 for file in paths
             }

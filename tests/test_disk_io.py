@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from blake3 import blake3
 
-from kernelhib.disk_io import WriteBehind, digest
+from kernelhib.disk_io import Partial, WriteBehind, digest
 
 
 def dirty_bytes() -> int:
@@ -61,3 +61,39 @@ def test_write_behind_gets_the_disk_writing_before_fsync(tmp_path: Path) -> None
     finally:
         writer.stop()
     assert (tmp_path / "pages-1.img").stat().st_size == size
+
+
+def test_appended_files_are_hashed_as_they_grow(tmp_path: Path) -> None:
+    """The hash of what was written so far is handed over; digest finishes it from there."""
+    step = 1 << 20
+    writer = WriteBehind(tmp_path, appended=lambda name: name.startswith("pages-"), step=step)
+    pages, core = tmp_path / "pages-1.img", tmp_path / "core-1.img"
+    data = os.urandom(5 * step + 123)
+    try:
+        core.write_bytes(os.urandom(3 * step))
+        with pages.open("wb") as f:
+            f.write(data[: 4 * step])
+            f.flush()
+            deadline = time.monotonic() + 10
+            while not writer._files.get(str(pages)) or writer._files[str(pages)].kicked < 4 * step:
+                assert time.monotonic() < deadline, "the write-behind never saw the file grow"
+                time.sleep(0.01)
+            f.write(data[4 * step :])
+    finally:
+        partials = writer.stop()
+
+    assert list(partials) == [pages], "only appended files are hashed on the way"
+    partial = partials[pages]
+    assert 4 * step <= partial.length < len(data)
+    assert digest(pages, partial=partial) == blake3(data).hexdigest()
+
+
+def test_a_partial_hash_of_another_file_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "pages-1.img"
+    path.write_bytes(b"first version")
+    stale = Partial(inode=path.stat().st_ino, length=5, hasher=blake3(b"first"))
+    replacement = tmp_path / "new"
+    replacement.write_bytes(b"second version, longer")
+    replacement.rename(path)  # a new inode under the old name
+
+    assert digest(path, partial=stale) == blake3(b"second version, longer").hexdigest()

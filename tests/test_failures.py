@@ -40,11 +40,11 @@ async def fail_end(self: Any, km: Any, graceful: bool = False) -> None:
 def fail_after_first_hash() -> Any:
     real, calls = image_store.digest, []
 
-    def digest(path: Path) -> str:
+    def digest(path: Path, **options: Any) -> str:
         calls.append(path)
         if len(calls) > 1:
             raise OSError("injected: I/O error while hashing the image")
-        return real(path)
+        return real(path, **options)
 
     return digest
 
