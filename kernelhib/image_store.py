@@ -161,10 +161,6 @@ class ImageStore:
         fsync(self.root)
         return Image(final, manifest)
 
-    def load(self, kernel_id: str, later: Callable[[str], bool] | None = None) -> Image:
-        """The image of ``kernel_id``, after checking its signature and its files' hashes."""
-        return self.authenticate(self.read(kernel_id), later)
-
     def authenticate(self, image: Image, later: Callable[[str], bool] | None = None) -> Image:
         """Check a :meth:`read` image's signature and its files' hashes.
 

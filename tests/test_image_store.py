@@ -24,7 +24,7 @@ def test_committed_image_loads_with_its_metadata(tmp_path: Path) -> None:
     store = ImageStore(tmp_path / "images")
     image = store.commit(staged(store), KERNEL, {"engine": "criu", "rss_bytes": 10})
 
-    loaded = store.load(KERNEL)
+    loaded = store.authenticate(store.read(KERNEL))
 
     assert loaded.manifest == image.manifest
     assert loaded.manifest["engine"] == "criu"
@@ -39,7 +39,7 @@ def test_staging_is_not_an_image_until_committed(tmp_path: Path) -> None:
     staging = staged(store)
     assert store.kernel_ids() == []
     with pytest.raises(ImageError, match="no image of kernel"):
-        store.load(KERNEL)
+        store.authenticate(store.read(KERNEL))
     store.discard(staging)
     assert sorted(p.name for p in store.root.iterdir()) == ["secret.key"]
 
@@ -57,7 +57,7 @@ def test_another_servers_key_is_refused(tmp_path: Path) -> None:
     store.commit(staged(store), KERNEL, {"engine": "criu"})
     (store.root / "secret.key").write_text("00" * 32)
     with pytest.raises(ImageError, match="not signed by this server's key"):
-        ImageStore(store.root).load(KERNEL)
+        (other := ImageStore(store.root)).authenticate(other.read(KERNEL))
 
 
 @pytest.mark.parametrize(
@@ -73,7 +73,7 @@ def test_altered_images_are_refused_and_kept(tmp_path: Path, tamper, message: st
     image = store.commit(staged(store), KERNEL, {"engine": "criu"})
     tamper(image.path)
     with pytest.raises(ImageError, match=message):
-        store.load(KERNEL)
+        store.authenticate(store.read(KERNEL))
     assert image.path.is_dir()
 
 
@@ -84,7 +84,7 @@ def test_manifest_fields_cannot_be_edited(tmp_path: Path) -> None:
     manifest["engine"] = "dill"
     (image.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ImageError, match="not signed"):
-        store.load(KERNEL)
+        store.authenticate(store.read(KERNEL))
 
 
 @pytest.mark.parametrize("bad", ["", "../etc", ".partial-x", "a/b"])
