@@ -4,7 +4,8 @@ A message sent to a hibernated kernel is held, the kernel is woken, and the
 connection proves its IOPub subscription is live again (jupyter_server's
 ``nudge``) before the held messages go out in order. Without that proof, the
 output of the first cell after a wake is lost about half the time: the SUB
-socket reconnects later than the shell socket.
+socket reconnects later than the shell socket. The proof is first sought every
+20 ms rather than nudge's 0.5 s, which most wakes waited for.
 """
 
 from __future__ import annotations
@@ -90,6 +91,36 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
         self.handle_outgoing_message(channel, self.session.serialize(reply))
         return True
 
+    async def _iopub_live(self, interval: float = 0.02, patience: float = 10) -> None:
+        """Ask for kernel_info every ``interval`` s until a message reaches this
+        connection's IOPub: what nudge() waits for, but nudge asks only every 0.5 s.
+
+        The messages this draws out are swallowed, as nudge does. A busy kernel
+        (a cell frozen by a forced hibernation runs on) is not asked, as by nudge.
+        """
+        iopub = self.channels.get("iopub")
+        if iopub is None or getattr(self.kernel_manager, "execution_state", "") == "busy":
+            return
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Future[None] = loop.create_future()
+
+        def on_iopub(_msg: Any) -> None:
+            if not arrived.done():
+                arrived.set_result(None)
+
+        iopub.on_recv(on_iopub)
+        asking = [self.kernel_manager.connect_shell(), self.kernel_manager.connect_control()]
+        try:
+            deadline = loop.time() + patience
+            while not arrived.done() and loop.time() < deadline:
+                for stream in asking:
+                    self.session.send(stream, "kernel_info_request")
+                await asyncio.wait([arrived], timeout=interval)
+        finally:
+            iopub.stop_on_recv()
+            for stream in asking:
+                stream.close()
+
     async def _revive(self) -> None:
         """Wake the kernel if needed, prove IOPub is live, then send the held messages."""
         try:
@@ -97,6 +128,7 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
                 await asyncio.sleep(0.05)
             await self.hibernator.wake(self.kernel_id)
             if self.channels:
+                await self._iopub_live()
                 await self.nudge()
                 # nudge() takes over the IOPub stream's callback; give it back.
                 for stream in self.channels.values():
