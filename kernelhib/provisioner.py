@@ -5,7 +5,8 @@ restore to work:
 
 - The kernel runs as the first process of its own pid namespace
   (``unshare --pid --fork``): a restore recreates the namespace, so it never
-  fails because the kernel's old pid was taken meanwhile.
+  fails because the kernel's old pid was taken meanwhile. Not on hosts with
+  NVIDIA GPUs (unless configured): CUDA cannot start in such a namespace.
 - No pipes to the server: stdin is /dev/null, output goes to a per-kernel log
   file. A pipe to a process outside the image cannot be restored.
 - No ``JPY_PARENT_PID``: ipykernel's parent poller would end a kernel whose
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import Unicode, default
+from traitlets import CaselessStrEnum, Unicode, default
 
 from .engines.base import EngineError
 from .engines.criu import CriuEngine
@@ -43,6 +44,11 @@ from .paths import kernelhib_data_dir, private_dir
 # _die_with_parent), so a server killed outright leaves no kernel behind.
 _UNSHARE = ("unshare", "--pid", "--fork", "--kill-child", "setsid")
 _PR_SET_PDEATHSIG = 1
+# Present where the NVIDIA driver is loaded. In a pid namespace that shares the
+# host's /proc, CUDA fails to start (error 304, "OS call failed or operation not
+# supported on this OS"), seen with driver 580 on an H200; a private /proc would
+# fix that, but a kernel in a mount namespace of its own is beyond what CRIU dumps.
+NVIDIA_CONTROL_DEVICE = Path("/dev/nvidiactl")
 
 
 def _die_with_parent() -> None:
@@ -69,6 +75,17 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
     @default("kernel_files_dir")
     def _default_kernel_files_dir(self) -> str:
         return str(kernelhib_data_dir() / "kernels")
+
+    pid_namespace = CaselessStrEnum(
+        ["auto", "always", "never"],
+        default_value="auto",
+        config=True,
+        help="Run each kernel in a pid namespace of its own, which CRIU needs to restore it "
+        "(else its pid may be taken by then). 'auto': unless the host has NVIDIA GPUs, "
+        "where CUDA cannot start in such a namespace (and CRIU cannot checkpoint CUDA "
+        "state). Kernels without one are hibernated with dill. 'always' suits GPU hosts "
+        "whose kernels never use CUDA.",
+    )
 
     kernel: KernelProcess | None = None
     hibernated: bool = False
@@ -112,6 +129,14 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             return "the server does not run as root, so the kernel has no pid namespace"
         if not shutil.which("unshare"):
             return "`unshare` (util-linux) is not installed, so the kernel has no pid namespace"
+        if self.pid_namespace == "never":
+            return "HibernatingProvisioner.pid_namespace is 'never', so the kernel has none"
+        if self.pid_namespace == "auto" and NVIDIA_CONTROL_DEVICE.exists():
+            return (
+                "this host has NVIDIA GPUs, so the kernel has no pid namespace "
+                "(CUDA cannot start in one); set HibernatingProvisioner.pid_namespace "
+                "to 'always' if kernels here never use CUDA"
+            )
         return ""
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import TRACE_A_CHILD, image_path, summarize, wait_for_state
+from kernelhib import provisioner
+
+from .conftest import TRACE_A_CHILD, image_path, kernel_processes, summarize, wait_for_state
 
 DILL = {"engine": "dill"}
 
@@ -113,6 +115,41 @@ async def test_auto_uses_dill_where_criu_cannot_run_and_says_why(
     assert model["hibernation"]["engine"] == "dill"
     assert "/nonexistent/criu" in model["hibernation"]["fallback_reason"]
     assert (await channel.execute("value"))["result"] == "'kept'"
+
+
+async def check_no_pid_namespace_means_dill(start_kernel: Any, api: Any, reason: str) -> None:
+    """The kernel shares the server's pid namespace; CRIU is refused, 'auto' uses dill."""
+    kernel_id, channel = await start_kernel()
+    [pid] = kernel_processes(kernel_id)
+    assert Path(f"/proc/{pid}/ns/pid").readlink() == Path("/proc/self/ns/pid").readlink()
+    await channel.execute("value = 'kept'")
+
+    error = await api(
+        "POST", "kernels", kernel_id, "hibernate", body={"engine": "criu"}, expect=503
+    )
+    model = await api("POST", "kernels", kernel_id, "hibernate")
+
+    assert reason in error["message"]
+    assert model["hibernation"]["engine"] == "dill"
+    assert reason in model["hibernation"]["fallback_reason"]
+    assert (await channel.execute("value"))["result"] == "'kept'"
+
+
+@pytest.mark.parametrize("server_config", [{"HibernatingProvisioner": {"pid_namespace": "never"}}])
+async def test_a_kernel_configured_without_pid_namespace_hibernates_with_dill(
+    start_kernel: Any, api: Any
+) -> None:
+    await check_no_pid_namespace_means_dill(start_kernel, api, "pid_namespace is 'never'")
+
+
+async def test_on_a_host_with_nvidia_gpus_kernels_get_no_pid_namespace(
+    start_kernel: Any, api: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # CUDA cannot start in a pid namespace (checked on an H200); the driver's
+    # control device is what tells a GPU host, here stood in for by a file.
+    (device := tmp_path / "nvidiactl").touch()
+    monkeypatch.setattr(provisioner, "NVIDIA_CONTROL_DEVICE", device)
+    await check_no_pid_namespace_means_dill(start_kernel, api, "this host has NVIDIA GPUs")
 
 
 @pytest.mark.criu
