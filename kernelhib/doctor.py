@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Sequence
+from dataclasses import replace
 
+from . import provisioner
 from .engines.base import Availability, Engine
 from .engines.criu import CriuEngine
 from .engines.dill import DillEngine
@@ -17,7 +19,21 @@ from .engines.dill import DillEngine
 def diagnose(criu_path: str = "") -> list[tuple[str, Availability]]:
     """Each engine's name and whether it works here; ``criu_path`` is the configured CRIU."""
     engines: list[Engine] = [CriuEngine(criu_path), DillEngine()]
-    return [(engine.name, engine.availability()) for engine in engines]
+    reports = [(engine.name, engine.availability()) for engine in engines]
+    return [(name, _on_gpu_host(report) if name == "criu" else report) for name, report in reports]
+
+
+def _on_gpu_host(report: Availability) -> Availability:
+    """A working CRIU still hibernates no kernel of a GPU host by default: say so."""
+    if not (report.ok and provisioner.NVIDIA_CONTROL_DEVICE.exists()):
+        return report
+    return replace(
+        report,
+        detail=f"{report.detail}; but this host has NVIDIA GPUs, so kernels start without "
+        "a pid namespace (CUDA cannot start in one) and are hibernated with dill",
+        remedy="if kernels here never use CUDA, set "
+        "HibernatingProvisioner.pid_namespace = 'always'",
+    )
 
 
 def format_table(reports: Sequence[tuple[str, Availability]]) -> str:

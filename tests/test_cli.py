@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kernelhib import provisioner
 from kernelhib.cli import human_bytes, main
 
 from .test_criu_install import require_installable
@@ -69,6 +70,19 @@ def test_doctor_without_criu_says_why_and_that_dill_still_works(tmp_path):
     }
     assert rows == {"criu": "unavailable", "dill": "works"}
     assert "does not exist" in doctor.stdout or "root" in doctor.stdout
+
+
+def test_doctor_on_a_gpu_host_says_kernels_are_hibernated_with_dill(
+    criu_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # The NVIDIA driver's control device, stood in for by a file (see test_dill_engine).
+    (device := tmp_path / "nvidiactl").touch()
+    monkeypatch.setattr(provisioner, "NVIDIA_CONTROL_DEVICE", device)
+
+    assert main(["doctor", "--criu-path", criu_path]) == 0
+
+    words = capsys.readouterr().out.split()  # the table wraps the columns' text
+    assert {"NVIDIA", "GPUs,", "dill", "HibernatingProvisioner.pid_namespace"} <= set(words)
 
 
 def test_install_criu_failure_exits_1(tmp_path):
