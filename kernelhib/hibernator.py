@@ -317,11 +317,17 @@ class KernelHibernator(LoggingConfigurable):
                 image = await self._write_image(km, chosen, fallback)
             try:
                 await self._end_process(km, graceful=chosen is self._dill)
-            except BaseException:
-                self._resume(km)
-                km.start_restarter()
-                await asyncio.to_thread(self.store.discard, kernel_id)
-                raise
+            except BaseException as exc:
+                if isinstance(exc, Exception) and await self._has_ended(km):
+                    # It ended all the same: the committed image is all there is of it now.
+                    self.log.warning("Kernel %s ended, though not cleanly: %s", kernel_id, exc)
+                    if isinstance(km.provisioner, HibernatingProvisioner):
+                        km.provisioner.hibernated = True
+                else:
+                    self._resume(km)
+                    km.start_restarter()
+                    await asyncio.to_thread(self.store.discard, kernel_id)
+                    raise
         except (Exception, asyncio.CancelledError) as exc:
             record.state = "running"
             record.error = f"hibernation failed, the kernel runs on: {exc}"
@@ -404,6 +410,13 @@ class KernelHibernator(LoggingConfigurable):
             await provisioner.wait()
         if isinstance(provisioner, HibernatingProvisioner):
             provisioner.hibernated = True
+
+    @staticmethod
+    async def _has_ended(km: KernelManager) -> bool:
+        provisioner = km.provisioner
+        if isinstance(provisioner, HibernatingProvisioner) and provisioner.hibernated:
+            return True  # its process ended (and poll() answers for the image, None)
+        return await provisioner.poll() is not None
 
     async def wake(self, kernel_id: str) -> None:
         """Bring a hibernated kernel back; concurrent callers share one wake. No-op if running."""

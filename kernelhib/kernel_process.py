@@ -117,12 +117,16 @@ class KernelProcess:
         loop = asyncio.get_running_loop()
         while (status := self.poll()) is None:
             assert self._pidfd is not None  # poll() returns the status once it is closed
+            # A copy of our own to watch: a poll() elsewhere (the restarter's, say) may
+            # see the end first and close the pidfd while this waits on it.
+            pidfd = os.dup(self._pidfd)
             ended = loop.create_future()
-            loop.add_reader(self._pidfd, _resolve, ended)
+            loop.add_reader(pidfd, _resolve, ended)
             try:
                 await ended
             finally:
-                loop.remove_reader(self._pidfd)
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
         return status
 
     def send_signal(self, signum: int) -> None:

@@ -89,6 +89,26 @@ async def test_failure_at_each_step_leaves_the_kernel_running(
     assert (await channel.execute("value"))["result"] == "[1, 2, 3, 4]"
 
 
+async def test_a_kernel_that_ended_despite_an_error_is_hibernated_not_lost(
+    start_kernel: Any, api: Any, monkeypatch: Any
+) -> None:
+    """Ending the kernel reports an error after the kernel ended: its image is kept."""
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = [1, 2, 3]")
+    end = KernelHibernator._end_process
+
+    async def end_then_fail(self: Any, km: Any, graceful: bool = False) -> None:
+        await end(self, km, graceful)
+        raise OSError("injected: error once the kernel ended")
+
+    monkeypatch.setattr(KernelHibernator, "_end_process", end_then_fail)
+
+    model = await api("POST", "kernels", kernel_id, "hibernate", body=CRIU)
+
+    assert model["execution_state"] == "hibernated"
+    assert (await channel.execute("value"))["result"] == "[1, 2, 3]"
+
+
 async def test_kernel_criu_cannot_dump_runs_on_with_criu_reason(
     start_kernel: Any, api: Any, jp_serverapp: Any
 ) -> None:
