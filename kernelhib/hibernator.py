@@ -464,7 +464,8 @@ class KernelHibernator(LoggingConfigurable):
         except (Exception, asyncio.CancelledError) as exc:
             record.state = "hibernated"
             record.error = f"wake failed, the image is kept: {exc}"
-            km.reason = record.error
+            # A dill wake's fresh kernel may have reported itself idle before it was ended.
+            km.execution_state, km.reason = "hibernated", record.error
             self._emit("wake-failed", kernel_id, record)
             raise HibernationError(record.error) from exc
         finally:

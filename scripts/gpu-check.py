@@ -8,6 +8,8 @@ with kernelhib (through benchmarks/hibernate.py's helpers) and checks, step by s
    memory before and after, wake, the tensor's device and checksum;
 3. a kernel that imported torch without touching the GPU: hibernate, wake, then
    start CUDA in it.
+4. a kernel holding 1 GiB on the GPU, woken while another process holds all but
+   256 MiB of the GPU's memory, then again once that process ended.
 
 Each step's result or error goes to ``$OUT/gpu-check.json`` (default /tmp/gpu-check);
 a failing step does not stop the others. ``GPU_CHECK_NO_GPU=1`` runs the same steps
@@ -15,13 +17,14 @@ with numpy instead, to try the plumbing on a machine without a GPU. Results and 
 command used on an H200 are in docs/engines.md.
 """
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,24 @@ def criu_dump_of_a_cuda_process(criu: str) -> dict[str, Any]:
     return {"started": started, "exit": done.returncode, "errors": errors[-8:]}
 
 
+@contextlib.contextmanager
+def gpu_hog() -> Iterator[None]:
+    """Another process holding all but 256 MiB of the GPU's free memory meanwhile."""
+    code = (
+        "import torch, time; free, _ = torch.cuda.mem_get_info(); "
+        "x = torch.empty(free - (256 << 20), dtype=torch.uint8, device='cuda'); "
+        "print('ok', flush=True); time.sleep(600)"
+    )
+    hog = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        results["full_gpu.hog"] = hog.stdout.readline().strip() if hog.stdout else ""
+        results["gpu_mib.hogged"] = gpu_used_mib()
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     criu = str(locate_criu().path)
@@ -107,16 +128,16 @@ def main() -> None:
         channel = hb.KernelChannel(server, kernel_id)
         channel.execute("1+1", timeout=120)
         if GPU:
-            fill = (
+            gpu_fill = (
                 "import torch\ng = torch.Generator('cuda').manual_seed(0)\n"
                 "x = torch.randn(2**28, device='cuda', generator=g)\ns = float(x.double().sum())"
             )
             check = "[str(x.device), float(x.double().sum()) == s, torch.cuda.memory_allocated()]"
         else:
-            fill = "import numpy as np\nx = np.random.default_rng(0).random(2**24)\n"
-            fill += "s = float(x.sum())"
+            gpu_fill = "import numpy as np\nx = np.random.default_rng(0).random(2**24)\n"
+            gpu_fill += "s = float(x.sum())"
             check = "['cpu', float(x.sum()) == s, 0]"
-        step("gpu_kernel.fill", lambda: channel.execute(fill, timeout=300)["status"])
+        step("gpu_kernel.fill", lambda: channel.execute(gpu_fill, timeout=300)["status"])
         results["gpu_mib.filled"] = gpu_used_mib()
         step("gpu_kernel.hibernate_criu", lambda: hibernate(kernel_id, "criu"))
         step("gpu_kernel.still_running", lambda: value(channel, check))
@@ -133,14 +154,29 @@ def main() -> None:
         channel = hb.KernelChannel(server, kernel_id)
         channel.execute("1+1", timeout=120)
         library = "torch" if GPU else "numpy"
-        fill = f"import {library}\nt = {library}.arange(10**6)"
-        step("cpu_kernel.fill", lambda: channel.execute(fill, timeout=300)["status"])
+        cpu_fill = f"import {library}\nt = {library}.arange(10**6)"
+        step("cpu_kernel.fill", lambda: channel.execute(cpu_fill, timeout=300)["status"])
         step("cpu_kernel.hibernate", lambda: hibernate(kernel_id))
         step("cpu_kernel.wake", lambda: wake(kernel_id))
         cuda = ", torch.cuda.is_available(), float(torch.ones(4, device='cuda').sum())"
         step("cpu_kernel.then_cuda", lambda: value(channel, f"[int(t.sum()){cuda if GPU else ''}]"))
         channel.close()
         server.shutdown_kernel(kernel_id)
+
+        if GPU:  # 4. The GPU is full when a hibernated GPU kernel wakes.
+            kernel_id = server.start_kernel()
+            channel = hb.KernelChannel(server, kernel_id)
+            channel.execute("1+1", timeout=120)
+            step("full_gpu.fill", lambda: channel.execute(gpu_fill, timeout=300)["status"])
+            step("full_gpu.hibernate", lambda: hibernate(kernel_id))
+            with gpu_hog():
+                step("full_gpu.wake", lambda: wake(kernel_id))
+                model = f"api/kernels/{kernel_id}"
+                step("full_gpu.model", lambda: server.request("GET", model)["execution_state"])
+            step("full_gpu.wake_again", lambda: wake(kernel_id))
+            step("full_gpu.after_wake", lambda: value(channel, check))
+            channel.close()
+            server.shutdown_kernel(kernel_id)
     finally:
         server.stop()
         (OUT / "server.log").write_text(server.log_path.read_text(errors="replace")[-200_000:])

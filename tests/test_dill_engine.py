@@ -83,6 +83,43 @@ async def test_dill_hibernation_keeps_the_namespace_and_reports_what_it_lost(
     assert second["execution_count"] == first["execution_count"] + 1
 
 
+# Loading `big` raises MemoryError while the flag file exists, as torch raises its
+# OutOfMemoryError for a tensor when the GPU is full (seen on an H200).
+NEEDS_MEMORY = """
+import os
+def _rebuild(flag):
+    if os.path.exists(flag):
+        raise MemoryError("injected: no memory for it now")
+    return 'big value'
+class Big:
+    def __init__(self, flag):
+        self.flag = flag
+    def __reduce__(self):
+        return _rebuild, (self.flag,)
+"""
+
+
+async def test_a_wake_without_memory_for_a_value_fails_and_loses_nothing(
+    start_kernel: Any, api: Any, jp_serverapp: Any, tmp_path: Path
+) -> None:
+    kernel_id, channel = await start_kernel()
+    flag = tmp_path / "memory-is-short"
+    await channel.execute(NEEDS_MEMORY + f"big = Big({str(flag)!r}); small = 42")
+    await api("POST", "kernels", kernel_id, "hibernate", body=DILL)
+    flag.touch()
+
+    error = await api("POST", "kernels", kernel_id, "wake", expect=500)
+
+    assert "big did not fit in the memory free now" in error["message"]
+    assert "the image is kept" in error["message"]
+    model = await api("GET", "kernels", kernel_id)
+    assert model["execution_state"] == "hibernated"
+    assert image_path(jp_serverapp, kernel_id).is_dir()
+    flag.unlink()
+    await api("POST", "kernels", kernel_id, "wake")
+    assert (await channel.execute("big, small"))["result"] == "('big value', 42)"
+
+
 async def test_an_altered_snapshot_is_never_loaded(
     start_kernel: Any, api: Any, jp_serverapp: Any
 ) -> None:

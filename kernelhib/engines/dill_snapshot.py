@@ -480,6 +480,13 @@ def _unpickle(
                 feed.read(data, offset, entry["buffers"])
                 items[(kind, name)] = unpickler.load()
             except Exception as exc:
+                if _out_of_memory(exc):
+                    first_line = (str(exc) or type(exc).__name__).splitlines()[0]
+                    raise MemoryError(
+                        f"{_label(kind, name)} did not fit in the memory free now ({first_line}). "
+                        "Nothing was lost: free memory (GPU memory, for a tensor on the GPU) "
+                        "and wake the kernel again"
+                    ) from exc
                 failed[index] = _label(kind, name)
                 if not isinstance(unpickler, _Unpickler):
                     unpickler = _Unpickler(f, feed, main, unpickler.memo.copy())
@@ -491,6 +498,15 @@ def _unpickle(
                     lost.append({"name": name, "type": entry["type"], "reason": reason})
             offset += sum(entry["buffers"])
     return items
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """Whether a value failed to load for lack of memory, host or GPU (torch's and CuPy's
+    OutOfMemoryError): unlike a missing module, waking later may succeed, so the wake
+    fails and keeps the image rather than lose the value."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(exc).lower()  # "CUDA error: out of memory", a RuntimeError
 
 
 def _restore_history(shell: Any, state: dict[str, Any], items: dict[_Key, Any]) -> None:
