@@ -27,13 +27,8 @@ def _on_gpu_host(report: Availability) -> Availability:
     """A working CRIU still hibernates no kernel of a GPU host by default: say so."""
     if not (report.ok and provisioner.NVIDIA_CONTROL_DEVICE.exists()):
         return report
-    return replace(
-        report,
-        detail=f"{report.detail}; but this host has NVIDIA GPUs, so kernels start without "
-        "a pid namespace (CUDA cannot start in one) and are hibernated with dill",
-        remedy="if kernels here never use CUDA, set "
-        "HibernatingProvisioner.pid_namespace = 'always'",
-    )
+    detail = f"{report.detail}; but {provisioner.ON_GPU_HOST}, and are hibernated with dill"
+    return replace(report, detail=detail, remedy=provisioner.IF_NO_CUDA)
 
 
 def format_table(reports: Sequence[tuple[str, Availability]]) -> str:

@@ -415,7 +415,7 @@ class KernelHibernator(LoggingConfigurable):
     async def _has_ended(km: KernelManager) -> bool:
         provisioner = km.provisioner
         if isinstance(provisioner, HibernatingProvisioner) and provisioner.hibernated:
-            return True  # its process ended (and poll() answers for the image, None)
+            return True  # _end_process saw it end; poll() now answers None, for the image
         return await provisioner.poll() is not None
 
     async def wake(self, kernel_id: str) -> None:

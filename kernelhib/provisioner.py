@@ -49,6 +49,10 @@ _PR_SET_PDEATHSIG = 1
 # supported on this OS"), seen with driver 580 on an H200; a private /proc would
 # fix that, but a kernel in a mount namespace of its own is beyond what CRIU dumps.
 NVIDIA_CONTROL_DEVICE = Path("/dev/nvidiactl")
+ON_GPU_HOST = (
+    "this host has NVIDIA GPUs, so kernels start without a pid namespace (CUDA cannot start in one)"
+)
+IF_NO_CUDA = "if kernels here never use CUDA, set HibernatingProvisioner.pid_namespace = 'always'"
 
 
 def _die_with_parent() -> None:
@@ -132,11 +136,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         if self.pid_namespace == "never":
             return "HibernatingProvisioner.pid_namespace is 'never', so the kernel has none"
         if self.pid_namespace == "auto" and NVIDIA_CONTROL_DEVICE.exists():
-            return (
-                "this host has NVIDIA GPUs, so the kernel has no pid namespace "
-                "(CUDA cannot start in one); set HibernatingProvisioner.pid_namespace "
-                "to 'always' if kernels here never use CUDA"
-            )
+            return f"{ON_GPU_HOST}; {IF_NO_CUDA}"
         return ""
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
