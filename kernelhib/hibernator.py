@@ -31,7 +31,7 @@ from .engines.criu import CriuEngine
 from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
-from .kernel_process import tree_memory
+from .kernel_process import gpu_memory, tree_memory
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 
@@ -71,6 +71,7 @@ class Hibernation:
     engine: str = ""
     image_bytes: int = 0
     freed_bytes: int = 0
+    gpu_freed_bytes: int = 0  # GPU memory the kernel held (dill hibernations of CUDA kernels)
     seconds: float = 0.0
     hibernated_at: float = 0.0
     execution_state: str = "idle"  # before hibernation; a forced one may be "busy"
@@ -89,6 +90,7 @@ class Hibernation:
         self.engine = manifest["engine"]
         self.image_bytes = image.bytes
         self.freed_bytes = manifest.get("freed_bytes", 0)
+        self.gpu_freed_bytes = manifest.get("gpu_freed_bytes", 0)
         self.hibernated_at = manifest["created"]
         self.execution_state = manifest.get("execution_state", "idle")
         self.lost = manifest.get("lost", [])
@@ -104,6 +106,8 @@ class Hibernation:
                 seconds=round(self.seconds, 3),
                 hibernated_at=self.hibernated_at,
             )
+        if self.gpu_freed_bytes:
+            model["gpu_freed_bytes"] = self.gpu_freed_bytes
         if self.lost:
             model["lost"] = self.lost
         if self.fallback_reason:
@@ -337,9 +341,12 @@ class KernelHibernator(LoggingConfigurable):
         record.settle(image)
         record.seconds = time.monotonic() - started
         km.execution_state = "hibernated"
+        freed = f"{record.freed_bytes >> 20} MB"
+        if record.gpu_freed_bytes:
+            freed += f" (and {record.gpu_freed_bytes >> 20} MB of GPU memory)"
         self.log.info(
-            "Hibernated kernel %s with %s: %d MB image, %d MB freed, %.1f s",
-            kernel_id, chosen.name, image.bytes >> 20, record.freed_bytes >> 20, record.seconds,
+            "Hibernated kernel %s with %s: %d MB image, %s freed, %.1f s",
+            kernel_id, chosen.name, image.bytes >> 20, freed, record.seconds,
         )  # fmt: skip
         self._emit("hibernate", kernel_id, record)
         return record.model()
@@ -371,6 +378,8 @@ class KernelHibernator(LoggingConfigurable):
             else:
                 # Measured while the kernel still runs: it ends after the commit.
                 meta["freed_bytes"] = tree_memory(provisioner.pid) if provisioner.pid else 0
+                if provisioner.pid:
+                    meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, provisioner.pid)
                 meta["lost"] = await self._save_dill(km, staging)
             try:
                 return await asyncio.to_thread(self.store.commit, staging, km.kernel_id, meta)

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import os
 import select
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 
@@ -50,6 +52,24 @@ def _private_memory(pid: int) -> int:
 def tree_memory(pid: int) -> int:
     """Private resident memory of ``pid`` and its descendants."""
     return sum(_private_memory(p) for p in process_tree(pid))
+
+
+def gpu_memory(pid: int) -> int:
+    """GPU memory that ``pid`` and its descendants hold, as ``nvidia-smi`` reports it
+    (0 without it): what a dill hibernation of a CUDA kernel gives back."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    try:
+        listed = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    tree, total = set(process_tree(pid)), 0
+    for line in listed.stdout.splitlines():
+        owner, _, mib = (field.strip() for field in line.partition(","))
+        if owner.isdigit() and int(owner) in tree and mib.isdigit():
+            total += int(mib) << 20
+    return total
 
 
 def available_memory() -> int:

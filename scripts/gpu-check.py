@@ -113,7 +113,10 @@ def main() -> None:
     def hibernate(kernel_id: str, engine: str = "") -> dict[str, Any]:
         body = {"engine": engine} if engine else {}
         model = server.request("POST", f"api/kernels/{kernel_id}/hibernate", body)
-        keep = ("engine", "image_bytes", "freed_bytes", "seconds", "fallback_reason", "lost")
+        keep = (
+            "engine", "image_bytes", "freed_bytes", "gpu_freed_bytes", "seconds", "lost",
+            "fallback_reason",
+        )  # fmt: skip
         return {key: model["hibernation"].get(key) for key in keep}
 
     def wake(kernel_id: str) -> str:

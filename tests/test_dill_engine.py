@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,22 @@ async def test_on_a_host_with_nvidia_gpus_kernels_get_no_pid_namespace(
     (device := tmp_path / "nvidiactl").touch()
     monkeypatch.setattr(provisioner, "NVIDIA_CONTROL_DEVICE", device)
     await check_no_pid_namespace_means_dill(start_kernel, api, "this host has NVIDIA GPUs")
+
+
+async def test_a_dill_hibernation_reports_the_gpu_memory_its_kernel_held(
+    start_kernel: Any, api: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # nvidia-smi, stood in for by a script (CI has no GPU), lists 1234 MiB for each of
+    # the kernel's processes and 999 MiB for another; only the kernel's tree counts.
+    kernel_id, _ = await start_kernel()
+    lines = "".join(f"echo '{pid}, 1234'\n" for pid in kernel_processes(kernel_id))
+    (smi := tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\n{lines}echo '1, 999'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+    model = await api("POST", "kernels", kernel_id, "hibernate", body=DILL)
+
+    assert model["hibernation"]["gpu_freed_bytes"] == 1234 << 20
 
 
 @pytest.mark.criu
