@@ -12,6 +12,7 @@ import type { IKernelView } from './state';
 import {
   formatBytes,
   formatTime,
+  freedShort,
   hibernationNotes,
   sessionNames,
   stateLabel,
@@ -101,7 +102,7 @@ export class HibernationPanel extends Widget {
       facts.append(dt, dd);
     };
     const memory = hibernated
-      ? [`0 B, ${formatBytes(view.freedBytes)} freed`, '']
+      ? [`0 B, ${freedShort(view)} freed`, '']
       : view.state === 'running' && view.memoryBytes !== null
         ? [
             `${formatBytes(view.memoryBytes)} in use`,

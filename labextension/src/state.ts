@@ -37,6 +37,8 @@ export interface IHibernationModel {
   engine?: string;
   image_bytes?: number;
   freed_bytes?: number;
+  /** GPU memory the kernel held (a CUDA kernel hibernated with dill); absent if none. */
+  gpu_freed_bytes?: number;
   seconds?: number;
   hibernated_at?: number;
   error?: string;
@@ -91,6 +93,8 @@ export interface IKernelView {
   readonly engine: string;
   readonly imageBytes: number;
   readonly freedBytes: number;
+  /** GPU memory the last hibernation gave back; 0 if the kernel held none. */
+  readonly gpuFreedBytes: number;
   /** How long the last hibernation or wake took. */
   readonly seconds: number;
   /** When the kernel was hibernated, in seconds since the epoch; 0 if never. */
@@ -117,6 +121,7 @@ export function viewFromModel(model: IKernelModel): IKernelView {
     engine: hibernation?.engine ?? '',
     imageBytes: hibernation?.image_bytes ?? 0,
     freedBytes: hibernation?.freed_bytes ?? 0,
+    gpuFreedBytes: hibernation?.gpu_freed_bytes ?? 0,
     seconds: hibernation?.seconds ?? 0,
     hibernatedAt: hibernation?.hibernated_at ?? 0,
     error: hibernation?.error ?? '',
@@ -212,6 +217,10 @@ export function applyEvent(
     engine: event.engine ?? base.engine,
     imageBytes: event.image_bytes ?? base.imageBytes,
     freedBytes: event.freed_bytes ?? base.freedBytes,
+    // Sent only where the kernel held GPU memory: a new hibernation without it held none.
+    gpuFreedBytes:
+      event.gpu_freed_bytes ??
+      (event.action === 'hibernate' ? 0 : base.gpuFreedBytes),
     seconds: event.seconds ?? base.seconds,
     hibernatedAt: event.hibernated_at ?? base.hibernatedAt,
     error: event.error ?? '',
@@ -357,11 +366,25 @@ export function buttonLook(view: IKernelView | undefined): IButtonLook {
   }
 }
 
+/** `321.1 MiB memory`, and ` and 3.6 GiB GPU memory` where the kernel held some. */
+export function freedMemory(freedBytes: number, gpuFreedBytes = 0): string {
+  const gpu =
+    gpuFreedBytes > 0 ? ` and ${formatBytes(gpuFreedBytes)} GPU memory` : '';
+  return `${formatBytes(freedBytes)} memory${gpu}`;
+}
+
+/** The same, short: `321.1 MiB`, or `321.1 MiB + 3.6 GiB GPU`. */
+export function freedShort(view: IKernelView): string {
+  const gpu =
+    view.gpuFreedBytes > 0 ? ` + ${formatBytes(view.gpuFreedBytes)} GPU` : '';
+  return `${formatBytes(view.freedBytes)}${gpu}`;
+}
+
 /** `Kernel hibernated (criu): 321.1 MiB memory freed, image 298.0 MiB` */
 export function hibernatedSummary(view: IKernelView): string {
   const engine = view.engine ? ` (${view.engine})` : '';
   return (
-    `Kernel hibernated${engine}: ${formatBytes(view.freedBytes)} memory freed, ` +
+    `Kernel hibernated${engine}: ${freedMemory(view.freedBytes, view.gpuFreedBytes)} freed, ` +
     `image ${formatBytes(view.imageBytes)}`
   );
 }
@@ -413,7 +436,7 @@ export function statusText(view: IKernelView | undefined): string {
     case 'hibernating':
       return 'Hibernating…';
     case 'hibernated':
-      return `Hibernated | ${formatBytes(view.freedBytes)} freed`;
+      return `Hibernated | ${freedShort(view)} freed`;
     case 'waking':
       return 'Waking…';
     default:
@@ -450,7 +473,7 @@ export function eventNotice(
         ? ` Hibernated with ${event.engine || 'dill'}: ${event.fallback_reason}.`
         : '';
       const message =
-        `Hibernated ${kernel}${took}: ${formatBytes(event.freed_bytes ?? 0)} memory freed, ` +
+        `Hibernated ${kernel}${took}: ${freedMemory(event.freed_bytes ?? 0, event.gpu_freed_bytes)} freed, ` +
         `image ${formatBytes(event.image_bytes ?? 0)}.${fallback}`;
       return lost.length === 0
         ? { type: 'success', message }

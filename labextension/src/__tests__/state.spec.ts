@@ -7,6 +7,7 @@ import {
   formatBytes,
   formatSeconds,
   formatTime,
+  hibernatedSummary,
   HIBERNATION_SCHEMA,
   hibernationNotes,
   isIdle,
@@ -541,6 +542,47 @@ describe('hibernationNotes', () => {
     expect(hibernationNotes(view)).toEqual([
       'CRIU could not restore the kernel: libc changed'
     ]);
+  });
+});
+
+describe('GPU memory', () => {
+  /** A CUDA kernel hibernated with dill, as the server reported it on an H200. */
+  const gpuModel: IKernelModel = {
+    ...hibernatedModel,
+    hibernation: {
+      ...hibernatedModel.hibernation!,
+      engine: 'dill',
+      gpu_freed_bytes: 3684 * MiB
+    }
+  };
+
+  it('shows the GPU memory freed beside the memory', () => {
+    const view = viewFromModel(gpuModel);
+    expect(view.gpuFreedBytes).toBe(3684 * MiB);
+    expect(statusText(view)).toBe('Hibernated | 321.0 MiB + 3.6 GiB GPU freed');
+    expect(hibernatedSummary(view)).toBe(
+      'Kernel hibernated (dill): 321.0 MiB memory and 3.6 GiB GPU memory freed, image 298.0 MiB'
+    );
+    const notice = eventNotice(
+      event({
+        engine: 'dill',
+        freed_bytes: 321 * MiB,
+        gpu_freed_bytes: 3684 * MiB
+      }),
+      'the kernel of gpu.ipynb'
+    );
+    expect(notice?.message).toContain(
+      '321.0 MiB memory and 3.6 GiB GPU memory freed'
+    );
+  });
+
+  it('says nothing of the GPU for a kernel that held none, even after one that did', () => {
+    const view = applyEvent(
+      viewFromModel(gpuModel),
+      event({ freed_bytes: 5 * MiB })
+    );
+    expect(view.gpuFreedBytes).toBe(0);
+    expect(statusText(view)).toBe('Hibernated | 5.0 MiB freed');
   });
 });
 
