@@ -20,7 +20,10 @@ def diagnose(criu_path: str = "") -> list[tuple[str, Availability]]:
     """Each engine's name and whether it works here; ``criu_path`` is the configured CRIU."""
     engines: list[Engine] = [CriuEngine(criu_path), DillEngine()]
     reports = [(engine.name, engine.availability()) for engine in engines]
-    return [(name, _on_gpu_host(report) if name == "criu" else report) for name, report in reports]
+    return [
+        (name, _on_gpu_host(report) if name == CriuEngine.name else report)
+        for name, report in reports
+    ]
 
 
 def _on_gpu_host(report: Availability) -> Availability:

@@ -200,7 +200,8 @@ class ImageStore:
         return ""
 
     def read(self, kernel_id: str) -> Image:
-        """The image's manifest as written, unverified: for listing, never for loading."""
+        """The image's manifest as written, unverified: for listing, or for
+        :meth:`authenticate` before anything of it is loaded."""
         path = self.path(kernel_id)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
