@@ -15,9 +15,8 @@ from typing import Any
 
 from kernelhib import server_client
 from kernelhib.doctor import diagnose, format_table, render_table
+from kernelhib.engines.base import ENGINE_CHOICES
 from kernelhib.engines.criu_install import CriuUnavailable, install_criu
-
-ENGINES = ("auto", "criu", "dill")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         help="hibernate even a busy kernel: its running cell is frozen and carries on after wake",
     )
     hibernate.add_argument(
-        "--engine", choices=ENGINES, help="default: the server's KernelHibernator.engine"
+        "--engine", choices=ENGINE_CHOICES, help="default: the server's KernelHibernator.engine"
     )
     hibernate.set_defaults(run=_hibernate)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, CaselessStrEnum, Float, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .engines.base import Engine, EngineError
+from .engines.base import ENGINE_CHOICES, Engine, EngineError
 from .engines.criu import CriuEngine
 from .engines.dill import DillEngine
 from .idle import IdleWatcher
@@ -41,18 +42,52 @@ EVENT_SCHEMA = Path(__file__).parent / "events" / "hibernation.yaml"
 DILL_SNAPSHOT = "dill"
 
 
+class Reason(str, Enum):
+    """Why a request was refused or failed: the ``reason`` of an error answer.
+
+    Front ends and the CLI decide what to offer from these codes, never from
+    the wording of the message.
+    """
+
+    NOT_FOUND = "not-found"
+    BAD_REQUEST = "bad-request"
+    BUSY = "busy"  # a cell runs: force=true would freeze it (CRIU)
+    BUSY_NEEDS_CRIU = "busy-needs-criu"  # a cell runs, and only dill could save the kernel
+    NOT_RUNNING = "not-running"  # the kernel process has ended
+    HIBERNATED = "hibernated"
+    NO_ENGINE = "no-engine"
+    HIBERNATE_FAILED = "hibernate-failed"
+    WAKE_FAILED = "wake-failed"
+    # Another operation on the kernel is in flight (the values of Operation).
+    HIBERNATING = "hibernating"
+    WAKING = "waking"
+    SHUTTING_DOWN = "shutting-down"
+    RESTARTING = "restarting"
+    INTERRUPTING = "interrupting"
+
+
 class HibernationError(RuntimeError):
-    """A hibernate or wake request could not be carried out; ``status`` is its HTTP code."""
+    """A hibernate or wake request could not be carried out.
+
+    ``status`` is its HTTP code, ``reason`` its :class:`Reason`.
+    """
 
     status = 500
+    reason = Reason.HIBERNATE_FAILED
+
+    def __init__(self, message: str, reason: Reason | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
 
 
 class KernelNotFound(HibernationError):
     status = 404
+    reason = Reason.NOT_FOUND
 
 
 class Conflict(HibernationError):
-    """The kernel is busy, or already hibernated or on its way."""
+    """The kernel is busy, already hibernated, or another operation on it is in flight."""
 
     status = 409
 
@@ -61,6 +96,17 @@ class NoEngine(HibernationError):
     """No engine can hibernate this kernel here."""
 
     status = 503
+    reason = Reason.NO_ENGINE
+
+
+class Operation(str, Enum):
+    """What is being done to a kernel; one at a time (see :meth:`KernelHibernator.operation`)."""
+
+    HIBERNATE = Reason.HIBERNATING.value
+    WAKE = Reason.WAKING.value
+    SHUTDOWN = Reason.SHUTTING_DOWN.value
+    RESTART = Reason.RESTARTING.value
+    INTERRUPT = Reason.INTERRUPTING.value
 
 
 @dataclass
@@ -121,7 +167,7 @@ class KernelHibernator(LoggingConfigurable):
     """Hibernates and wakes the kernels of one kernel manager (``c.KernelHibernator``)."""
 
     engine = CaselessStrEnum(
-        ["auto", "criu", "dill"],
+        list(ENGINE_CHOICES),
         default_value="auto",
         config=True,
         help="Engine used when a request does not name one. 'auto' picks CRIU where it works.",
@@ -218,6 +264,8 @@ class KernelHibernator(LoggingConfigurable):
         self._store: ImageStore | None = None
         self.idle = IdleWatcher(self)
         self._background: set[asyncio.Future[Any]] = set()
+        # Kernel id -> the operation in flight on it, and a future done when it ends.
+        self._operations: dict[str, tuple[Operation, asyncio.Future[None]]] = {}
 
     @property
     def store(self) -> ImageStore:
@@ -251,8 +299,10 @@ class KernelHibernator(LoggingConfigurable):
         NoEngine says why when no engine that the request allows can run.
         """
         name = (requested or self.engine).lower()
-        if name not in ("auto", "criu", "dill"):
-            raise NoEngine(f"unknown engine {name!r}: use 'auto', 'criu' or 'dill'")
+        if name not in ENGINE_CHOICES:
+            raise HibernationError(
+                f"unknown engine {name[:20]!r}: use {', '.join(ENGINE_CHOICES)}", Reason.BAD_REQUEST
+            )
         if name == "dill":
             if why_not_dill := _why_not(self._dill):
                 raise NoEngine(why_not_dill)
@@ -275,6 +325,36 @@ class KernelHibernator(LoggingConfigurable):
             return f"this kernel cannot be restored by CRIU: {provisioner.not_restorable}"
         return ""
 
+    def operation_of(self, kernel_id: str) -> Operation | None:
+        """The operation in flight on a kernel, if any."""
+        current = self._operations.get(kernel_id)
+        return current[0] if current else None
+
+    @contextlib.asynccontextmanager
+    async def operation(
+        self, kernel_id: str, operation: Operation, wait: bool = False
+    ) -> AsyncIterator[None]:
+        """Carry out one operation on a kernel at a time.
+
+        A request while another is in flight is refused (409, with the other's
+        name as reason), or with ``wait`` queued behind it. Two hibernations at
+        once, or a shutdown in the middle of one, would leave the kernel's
+        process, model and image disagreeing.
+        """
+        while (current := self._operations.get(kernel_id)) is not None:
+            if not wait:
+                raise Conflict(
+                    f"kernel {kernel_id} is {current[0].value}", Reason(current[0].value)
+                )
+            await asyncio.shield(current[1])
+        done = asyncio.get_running_loop().create_future()
+        self._operations[kernel_id] = (operation, done)
+        try:
+            yield
+        finally:
+            del self._operations[kernel_id]
+            done.set_result(None)
+
     def _kernel(self, kernel_id: str) -> KernelManager:
         if kernel_id not in self.kernel_manager:
             raise KernelNotFound(f"no kernel {kernel_id}")
@@ -284,25 +364,35 @@ class KernelHibernator(LoggingConfigurable):
         self, kernel_id: str, engine: str = "", force: bool = False
     ) -> dict[str, Any]:
         """Write the kernel's image and end its process; return the hibernation model."""
+        self._kernel(kernel_id)
+        async with self.operation(kernel_id, Operation.HIBERNATE):
+            return await self._hibernate(kernel_id, engine, force)
+
+    async def _hibernate(self, kernel_id: str, engine: str, force: bool) -> dict[str, Any]:
         km = self._kernel(kernel_id)
         record = self.record(kernel_id)
         if record.state != "running":
-            raise Conflict(f"kernel {kernel_id} is {record.state}")
+            raise Conflict(f"kernel {kernel_id} is {record.state}", Reason(record.state))
         requested = (engine or self.engine).lower()
         # Off the event loop: the first look for CRIU runs `criu check`.
         chosen, fallback = await asyncio.to_thread(self.choose_engine, requested, km.provisioner)
         if await km.provisioner.poll() is not None:
-            raise Conflict(f"kernel {kernel_id} is not running: there is nothing to hibernate")
+            raise Conflict(
+                f"kernel {kernel_id} is not running: there is nothing to hibernate",
+                Reason.NOT_RUNNING,
+            )
         busy = km.execution_state == "busy"
         if busy and not force:
             raise Conflict(
                 f"kernel {kernel_id} is busy running a cell; hibernate it with force=true "
-                "to freeze the cell and let it carry on after wake"
+                "to freeze the cell and let it carry on after wake",
+                Reason.BUSY,
             )
         if busy and chosen is self._dill:
             raise Conflict(
                 f"kernel {kernel_id} is busy running a cell, and the dill engine can only "
-                f"save a kernel between cells ({fallback or 'dill was requested'})"
+                f"save a kernel between cells ({fallback or 'dill was requested'})",
+                Reason.BUSY_NEEDS_CRIU,
             )
 
         record.state, record.error = "hibernating", ""
@@ -428,16 +518,22 @@ class KernelHibernator(LoggingConfigurable):
         return await provisioner.poll() is not None
 
     async def wake(self, kernel_id: str) -> None:
-        """Bring a hibernated kernel back; concurrent callers share one wake. No-op if running."""
+        """Bring a hibernated kernel back; concurrent callers share one wake. No-op if running.
+
+        A wake asked for while the kernel hibernates waits for that to finish.
+        """
         self._kernel(kernel_id)
-        record = self.record(kernel_id)
-        if record.state == "running":
-            return
-        if record.state == "hibernating":
-            raise Conflict(f"kernel {kernel_id} is still hibernating")
-        if record.waking is None:
-            record.waking = asyncio.ensure_future(self._wake(kernel_id, record))
-        await asyncio.shield(record.waking)
+        waking = self.record(kernel_id).waking
+        if waking is None:
+            async with self.operation(kernel_id, Operation.WAKE, wait=True):
+                self._kernel(kernel_id)  # it may have been shut down meanwhile
+                record = self.record(kernel_id)
+                if record.state == "running":
+                    return
+                waking = record.waking = asyncio.ensure_future(self._wake(kernel_id, record))
+                await asyncio.shield(waking)
+                return
+        await asyncio.shield(waking)
 
     async def _wake(self, kernel_id: str, record: Hibernation) -> None:
         km = self._kernel(kernel_id)
@@ -476,7 +572,7 @@ class KernelHibernator(LoggingConfigurable):
             # A dill wake's fresh kernel may have reported itself idle before it was ended.
             km.execution_state, km.reason = "hibernated", record.error
             self._emit("wake-failed", kernel_id, record)
-            raise HibernationError(record.error) from exc
+            raise HibernationError(record.error, Reason.WAKE_FAILED) from exc
         finally:
             record.waking = None
 
@@ -623,15 +719,19 @@ class KernelHibernator(LoggingConfigurable):
             self.log.info("Adopted hibernated kernel %s from %s", kernel_id, image.path)
 
     async def forget(self, kernel_id: str) -> None:
-        """Forget a kernel being shut down or restarted, and its image if it has one."""
+        """Forget a kernel being shut down or restarted, and its image if it has one.
+
+        Called within the shutdown's or restart's :meth:`operation`: no
+        hibernation or wake of the kernel is in flight.
+        """
         record = self._records.pop(kernel_id, None)
         if record is None or record.state == "running":
             return
-        if record.waking is not None:
-            await asyncio.gather(record.waking, return_exceptions=True)
         km = self.kernel_manager.get_kernel(kernel_id)
         if isinstance(km.provisioner, HibernatingProvisioner):
             km.provisioner.hibernated = False
+        # Not hibernated any more: a restart starts it afresh (its status follows).
+        km.execution_state = "starting"
         await asyncio.to_thread(self.store.discard, kernel_id)
 
     def _emit(self, action: str, kernel_id: str, record: Hibernation) -> None:

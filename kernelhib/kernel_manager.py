@@ -14,11 +14,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jupyter_client.provisioning import KernelProvisionerFactory
+from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
 from traitlets import Dict, Instance, default
 
 from .hibernate_requests import HibernateRequests
-from .hibernator import KernelHibernator, NoEngine
+from .hibernator import KernelHibernator, NoEngine, Operation
 from .magic import STATUS_ENV
 from .provisioner import HibernatingProvisioner
 
@@ -101,16 +102,36 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
     async def _async_shutdown_kernel(
         self, kernel_id: str, now: bool = False, restart: bool = False
     ) -> None:
-        # A hibernated kernel has no process to ask: shut it down at once.
-        now = now or self.hibernator.is_hibernated(kernel_id)
-        await self.hibernator.forget(kernel_id)
-        await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
+        # After a hibernation or wake in flight: the kernel and its image go together.
+        async with self.hibernator.operation(kernel_id, Operation.SHUTDOWN, wait=True):
+            # A hibernated kernel has no process to ask: shut it down at once.
+            now = now or self.hibernator.is_hibernated(kernel_id)
+            await self.hibernator.forget(kernel_id)
+            await super()._async_shutdown_kernel(kernel_id, now=now, restart=restart)
 
     async def _async_restart_kernel(self, kernel_id: str, now: bool = False) -> None:
-        if self.hibernator.is_hibernated(kernel_id):
-            await self.hibernator.forget(kernel_id)
-            now = True
-        await super()._async_restart_kernel(kernel_id, now=now)
+        async with self.hibernator.operation(kernel_id, Operation.RESTART, wait=True):
+            hibernated = self.hibernator.is_hibernated(kernel_id)
+            if hibernated:
+                await self.hibernator.forget(kernel_id)
+                now = True
+            await super()._async_restart_kernel(kernel_id, now=now)
+            if hibernated:
+                # A new process that answered kernel_info: idle. Its status messages
+                # reach subscribers that connect now, not the ones of the image's days.
+                self.get_kernel(kernel_id).execution_state = "idle"
+                self.rewatch(kernel_id)
+
+    async def interrupt_kernel(self, kernel_id: str) -> None:  # type:ignore[override]
+        """Interrupt the running cell; a hibernated kernel runs nothing to interrupt.
+
+        An interrupt during a hibernation or wake is delivered after it, to
+        the kernel's process if it has one: a signal sent to a process being
+        dumped would be restored with it.
+        """
+        async with self.hibernator.operation(kernel_id, Operation.INTERRUPT, wait=True):
+            if not self.hibernator.is_hibernated(kernel_id):
+                await ensure_async(super().interrupt_kernel(kernel_id))
 
     async def _async_shutdown_all(self, now: bool = False) -> None:
         # The server is stopping: hibernated kernels stay on disk for the next one.

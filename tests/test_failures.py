@@ -167,7 +167,7 @@ async def test_hibernating_twice_is_409(start_kernel: Any, api: Any) -> None:
 @pytest.mark.parametrize(
     ("body", "expect", "text"),
     [
-        ({"engine": "zfs"}, 503, "unknown engine 'zfs'"),
+        ({"engine": "zfs"}, 400, "'engine' must be one of auto, criu, dill"),
         ({"force": "yes"}, 400, "'force' must be true or false"),
         ([1, 2], 400, "must be a JSON object"),
     ],

@@ -11,6 +11,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+# What a request may name: an engine, or "auto" for CRIU where it works, else dill.
+ENGINE_CHOICES = ("auto", "criu", "dill")
+
 
 @dataclass(frozen=True)
 class Availability:

@@ -73,11 +73,13 @@ export class HibernationActions {
     error: unknown
   ): void {
     const status = error instanceof RequestError ? error.status : 0;
+    const reason = error instanceof RequestError ? error.reason : '';
     const message = error instanceof Error ? error.message : String(error);
     const notice = refusalNotice(
       action,
       this._store.label(kernelId),
       status,
+      reason,
       message
     );
     if (notice === null) {

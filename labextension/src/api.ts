@@ -6,11 +6,15 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 import type { IKernelModel } from './state';
 
-/** A refused or failed request: its HTTP status (0: the server was not reached) and why. */
+/**
+ * A refused or failed request: its HTTP status (0: the server was not reached),
+ * the server's machine-readable `reason` code ('' when it sent none) and why.
+ */
 export class RequestError extends Error {
   constructor(
     readonly status: number,
-    message: string
+    message: string,
+    readonly reason: string = ''
   ) {
     super(message);
   }
@@ -33,7 +37,8 @@ async function request<T>(
     const body = await response.json().catch(() => ({}));
     throw new RequestError(
       response.status,
-      typeof body.message === 'string' ? body.message : response.statusText
+      typeof body.message === 'string' ? body.message : response.statusText,
+      typeof body.reason === 'string' ? body.reason : ''
     );
   }
   return (await response.json()) as T;

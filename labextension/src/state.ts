@@ -543,17 +543,20 @@ export interface IRefusal extends INotice {
 /**
  * The notification for a refused request, or null where the server's event
  * stream reports the failure itself (500: hibernate-failed, wake-failed).
+ * What to offer follows the server's `reason` code, never its wording: only
+ * `busy` can be forced (`busy-needs-criu` is refused with force too).
  */
 export function refusalNotice(
   action: 'hibernate' | 'wake',
   kernel: string,
   status: number,
+  reason: string,
   message: string
 ): IRefusal | null {
   if (status === 500) {
     return null;
   }
-  if (action === 'hibernate' && status === 409 && message.includes('busy')) {
+  if (action === 'hibernate' && reason === 'busy') {
     return {
       type: 'warning',
       message:
@@ -563,11 +566,11 @@ export function refusalNotice(
     };
   }
   // 404: the kernel is gone ("no kernel ..."), or the server lacks kernelhib ("Not Found").
-  const reason =
+  const why =
     message || (status === 404 ? 'it no longer exists' : `error ${status}`);
   return {
     type: status === 409 ? 'warning' : 'error',
-    message: `Could not ${action} ${kernel}: ${reason}`,
+    message: `Could not ${action} ${kernel}: ${why}`,
     offerForce: false
   };
 }

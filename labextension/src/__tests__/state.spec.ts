@@ -771,15 +771,34 @@ describe('refusalNotice', () => {
       'hibernate',
       kernel,
       409,
+      'busy',
       `kernel ${ID} is busy running a cell; hibernate it with force=true`
     );
     expect(notice).toMatchObject({ type: 'warning', offerForce: true });
     expect(notice?.message).toMatch(/^The kernel of demo.ipynb is busy/);
   });
 
+  it('never offers force again where only dill could save the busy kernel', () => {
+    const notice = refusalNotice(
+      'hibernate',
+      kernel,
+      409,
+      'busy-needs-criu',
+      `kernel ${ID} is busy running a cell, and the dill engine can only save a kernel between cells`
+    );
+    expect(notice).toMatchObject({ type: 'warning', offerForce: false });
+    expect(notice?.message).toMatch(/busy running a cell, and the dill engine/);
+  });
+
   it('says why no engine can hibernate', () => {
     expect(
-      refusalNotice('hibernate', kernel, 503, 'CRIU cannot run here: not root')
+      refusalNotice(
+        'hibernate',
+        kernel,
+        503,
+        'no-engine',
+        'CRIU cannot run here: not root'
+      )
     ).toEqual({
       type: 'error',
       message:
@@ -789,24 +808,40 @@ describe('refusalNotice', () => {
   });
 
   it('handles gone kernels, conflicts and unreachable servers', () => {
-    expect(refusalNotice('wake', kernel, 404, `no kernel ${ID}`)?.message).toBe(
-      `Could not wake the kernel of demo.ipynb: no kernel ${ID}`
-    );
-    expect(refusalNotice('wake', kernel, 404, '')?.message).toBe(
+    expect(
+      refusalNotice('wake', kernel, 404, 'not-found', `no kernel ${ID}`)
+        ?.message
+    ).toBe(`Could not wake the kernel of demo.ipynb: no kernel ${ID}`);
+    expect(refusalNotice('wake', kernel, 404, '', '')?.message).toBe(
       'Could not wake the kernel of demo.ipynb: it no longer exists'
     );
     expect(
-      refusalNotice('hibernate', kernel, 409, `kernel ${ID} is hibernated`)
+      refusalNotice(
+        'hibernate',
+        kernel,
+        409,
+        'hibernated',
+        `kernel ${ID} is hibernated`
+      )
     ).toMatchObject({ type: 'warning', offerForce: false });
     expect(
-      refusalNotice('wake', kernel, 0, 'the server could not be reached')?.type
+      refusalNotice('wake', kernel, 0, '', 'the server could not be reached')
+        ?.type
     ).toBe('error');
   });
 
   it('leaves failed hibernations and wakes to their events', () => {
     expect(
-      refusalNotice('hibernate', kernel, 500, 'hibernation failed')
+      refusalNotice(
+        'hibernate',
+        kernel,
+        500,
+        'hibernate-failed',
+        'hibernation failed'
+      )
     ).toBeNull();
-    expect(refusalNotice('wake', kernel, 500, 'wake failed')).toBeNull();
+    expect(
+      refusalNotice('wake', kernel, 500, 'wake-failed', 'wake failed')
+    ).toBeNull();
   });
 });
