@@ -69,7 +69,9 @@ def claim(root: Path) -> IO[bytes] | None:
     long as the returned file stays open (or the process lives).
     """
     path = private_dir(Path(root)) / _LOCK_FILE
-    handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600), "ab")
+    handle = os.fdopen(
+        os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), "ab"
+    )
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kernelhib import image_store
-from kernelhib.image_store import ImageError, ImageStore
+from kernelhib.image_store import ImageError, ImageStore, claim
 from kernelhib.paths import UnsafeDirectory
 
 KERNEL = "0f69af99-bd84-4431-a3eb-71c4e62a4ed6"
@@ -270,3 +270,11 @@ def test_an_image_dir_others_may_write_is_refused_and_a_readable_one_made_privat
 
     os.chmod(tmp_path / "images", 0o755)
     assert stat.S_IMODE(ImageStore(tmp_path / "images").root.stat().st_mode) == 0o700
+
+
+def test_a_planted_lock_file_link_is_not_followed(tmp_path: Path) -> None:
+    root = ImageStore(tmp_path / "images").root
+    (root / "server.lock").symlink_to(tmp_path / "created-by-root")
+    with pytest.raises(OSError, match=r"server\.lock"):
+        claim(root)
+    assert not (tmp_path / "created-by-root").exists()
