@@ -550,13 +550,15 @@ class KernelHibernator(LoggingConfigurable):
                 await asyncio.to_thread(
                     self.store.authenticate, image, self._criu.is_bulk if is_criu else None
                 )
+                # CRIU reads whatever image files it finds: it gets only the signed ones.
+                linked = await asyncio.to_thread(self.store.restore_dir, image) if pages else None
             except BaseException:
                 if pages:
                     await asyncio.gather(pages, return_exceptions=True)
                 raise
-            if pages:
+            if pages and linked:
                 try:
-                    await self._restore_criu(km, image, pages)
+                    await self._restore_criu(km, Image(linked, image.manifest), pages)
                     restarted = False
                 except EngineError as exc:
                     if not (image.path / DILL_SNAPSHOT).is_dir():
@@ -564,8 +566,13 @@ class KernelHibernator(LoggingConfigurable):
                     record.fallback_reason = f"CRIU could not restore the kernel: {exc}"
                     self.log.warning("Kernel %s: %s; waking from its dill snapshot", kernel_id, exc)
                     record.lost = await self._restore_dill(km, image.path / DILL_SNAPSHOT)
+                finally:
+                    await asyncio.to_thread(self.store.discard, linked)
             else:
                 record.lost = await self._restore_dill(km, image.path)
+            # Gone for good before the wake is reported: after a power loss, the
+            # old image must not come back as this kernel, hibernated.
+            retired = await asyncio.to_thread(self.store.retire, kernel_id)
         except (Exception, asyncio.CancelledError) as exc:
             record.state = "hibernated"
             record.error = f"wake failed, the image is kept: {exc}"
@@ -594,7 +601,7 @@ class KernelHibernator(LoggingConfigurable):
         self._records[kernel_id] = Hibernation(epoch=record.epoch + 1)
         # The image holds every secret the kernel had: gone now, but without
         # making the user wait for a multi-GiB delete.
-        self._later(asyncio.to_thread(self.store.discard, self.store.retire(kernel_id)))
+        self._later(asyncio.to_thread(self.store.discard, retired))
 
     def _check_pages(self, image: Image) -> asyncio.Future[None]:
         """Start checking a CRIU image's memory pages against the (not yet authenticated)
@@ -710,7 +717,8 @@ class KernelHibernator(LoggingConfigurable):
             if kernel_id in self.kernel_manager:
                 continue
             try:
-                image = self.store.read(kernel_id)
+                # Its ports, key and working directory are used now: signed ones only.
+                image = self.store.read_signed(kernel_id)
                 self.kernel_manager.adopt_hibernated(kernel_id, image.manifest)
             except (ImageError, KeyError, ValueError) as exc:
                 self.log.error("Cannot adopt hibernated kernel %s: %s", kernel_id, exc)

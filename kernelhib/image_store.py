@@ -4,7 +4,9 @@ An image is a directory of files written by an engine plus ``manifest.json``:
 what the image is (kernel id, kernelspec, engine, sizes, time) and the BLAKE3
 hash of every file, signed with HMAC-SHA256 under a per-server secret key. An image
 is loaded only if the signature and every hash match: images are restored into
-a process (or unpickled), so an altered one must never run.
+a process (or unpickled), so an altered one must never run. Nor is anything
+else of the directory loaded: CRIU restores from a directory that holds only
+the signed files (:meth:`ImageStore.restore_dir`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -31,8 +34,10 @@ from .paths import private_dir
 MANIFEST = "manifest.json"
 _KEY_FILE = "secret.key"
 _LOCK_FILE = "server.lock"
+_KEY_BYTES = 32
 _STAGING_PREFIX = ".partial-"
 _RETIRED_PREFIX = ".retired-"
+_RESTORE_PREFIX = ".restore-"
 
 
 class ImageError(RuntimeError):
@@ -63,7 +68,10 @@ def claim(root: Path) -> IO[bytes] | None:
     sharing a directory must not both wake the same kernel. The lock lasts as
     long as the returned file stays open (or the process lives).
     """
-    handle = (private_dir(Path(root)) / _LOCK_FILE).open("ab")
+    path = private_dir(Path(root)) / _LOCK_FILE
+    handle = os.fdopen(
+        os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), "ab"
+    )
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -73,14 +81,65 @@ def claim(root: Path) -> IO[bytes] | None:
 
 
 def _load_key(path: Path) -> bytes:
-    """The server's signing key, created on first use, readable by the owner only."""
+    """The server's signing key, created on first use, readable by the owner only.
+
+    A key file that is a link, someone else's, or not a whole key (a power
+    loss while an older version wrote it) is refused, never used.
+    """
     try:
-        return bytes.fromhex(path.read_text().strip())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+        _create_key(path)
         return _load_key(path)
+    except OSError as exc:
+        why = (
+            "it is a symbolic link, which someone may have planted"
+            if path.is_symlink()
+            else exc.strerror
+        )
+        raise ImageError(
+            f"cannot use the signing key {path}: {why}; remove it and restart the server "
+            "(images signed with the old key are then refused)"
+        ) from exc
+    with os.fdopen(fd) as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise ImageError(
+                f"the signing key {path} is not a file of this server's uid {os.geteuid()} "
+                f"(owner uid {info.st_uid}): someone may have planted it; remove it and restart "
+                "the server (images signed with the old key are then refused)"
+            )
+        text = f.read(4 * _KEY_BYTES).strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != _KEY_BYTES:
+        raise ImageError(
+            f"the signing key {path} is {'empty' if not text else 'damaged'}: it must be "
+            f"{2 * _KEY_BYTES} hex digits; remove it and restart the server to have a new one "
+            "made (images signed with the old key are then refused)"
+        )
+    return key
+
+
+def _create_key(path: Path) -> None:
+    """Write a new key durably: after a power loss there is a whole key or none.
+
+    Linked into place, never renamed: a key another server made meanwhile is kept.
+    """
+    written = path.with_name(f"{_STAGING_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(_KEY_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(written, path)
+    finally:
+        written.unlink()
+    fsync(path.parent)
 
 
 class ImageStore:
@@ -123,21 +182,24 @@ class ImageStore:
     def commit(self, staging: Path, kernel_id: str, meta: dict[str, Any]) -> Image:
         """Make ``staging`` the image of ``kernel_id``: durable, hashed, signed.
 
-        Every file is fsynced and hashed, then the signed manifest is written
-        and the directory renamed into place. Until that rename, no image exists.
-        The disk writes the files back while they are hashed from the page cache.
+        Every file and directory is fsynced and every file hashed, then the
+        signed manifest is written and the directory renamed into place. Until
+        that rename, no image exists. The disk writes the files back while they
+        are hashed from the page cache.
         """
         partials = self._written(staging)
         final = self.path(kernel_id)
         if final.exists():
             raise ImageError(f"an image of kernel {kernel_id} already exists at {final}")
-        paths = sorted(p for p in staging.rglob("*") if p.is_file())
+        entries = sorted(staging.rglob("*"))
+        paths = [p for p in entries if p.is_file()]
         if not paths:
             raise ImageError(f"the engine wrote no files into {staging}")
         for file in paths:
             os.chmod(file, 0o600)
+        durable = [*paths, *(p for p in entries if p.is_dir())]
         with ThreadPoolExecutor(1) as writeback:
-            synced = writeback.submit(lambda: [fsync(file) for file in paths])
+            synced = writeback.submit(lambda: [fsync(path) for path in durable])
             files = {
                 str(file.relative_to(staging)): {
                     "size": file.stat().st_size,
@@ -168,11 +230,7 @@ class ImageStore:
         engine may read bulk data (never code or structure) meanwhile, as long
         as nothing runs before that check passes.
         """
-        if not hmac.compare_digest(image.manifest.get("signature", ""), self._sign(image.manifest)):
-            raise ImageError(
-                f"the manifest of {image.path} is not signed by this server's key: "
-                "it was altered or written elsewhere; the image is kept for inspection"
-            )
+        self._check_signature(image)
         files = image.manifest["files"]
         self.verify(image, [name for name in files if not (later and later(name))])
         return image
@@ -199,6 +257,16 @@ class ImageStore:
             return f"image file {file} does not match its signed hash: altered after hibernation"
         return ""
 
+    def _check_signature(self, image: Image) -> None:
+        signature = image.manifest.get("signature")
+        if not isinstance(signature, str) or not hmac.compare_digest(
+            signature.encode(), self._sign(image.manifest).encode()
+        ):
+            raise ImageError(
+                f"the manifest of {image.path} is not signed by this server's key: "
+                "it was altered or written elsewhere; the image is kept for inspection"
+            )
+
     def read(self, kernel_id: str) -> Image:
         """The image's manifest as written, unverified: for listing, or for
         :meth:`authenticate` before anything of it is loaded."""
@@ -209,26 +277,77 @@ class ImageStore:
             raise ImageError(f"no image of kernel {kernel_id} in {self.root}") from None
         except ValueError as exc:
             raise ImageError(f"the manifest of {path} is unreadable: {exc}") from exc
+        if not isinstance(manifest, dict):
+            raise ImageError(f"the manifest of {path} is not a JSON object")
         return Image(path, manifest)
 
+    def read_signed(self, kernel_id: str) -> Image:
+        """The image's manifest, its signature checked but not its files: what it
+        says (ports, key, working directory) can be acted on without reading
+        gigabytes. Before loading the image, :meth:`authenticate` it."""
+        image = self.read(kernel_id)
+        self._check_signature(image)
+        return image
+
+    def restore_dir(self, image: Image) -> Path:
+        """A fresh private directory holding exactly the files an image's signed manifest lists.
+
+        CRIU opens every image file it knows the name of that is there: an
+        extra file in the image's directory would be parsed and restored into
+        the kernel. It restores from this directory instead, and writes its
+        log and pidfile here, not into the image. Hard links: nothing is copied,
+        and the files are the ones checked. :meth:`discard` it after the restore.
+        """
+        linked = private_dir(
+            self.root / f"{_RESTORE_PREFIX}{image.path.name}.{uuid.uuid4().hex[:8]}"
+        )
+        try:
+            for name in image.manifest["files"]:
+                (linked / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.link(image.path / name, linked / name, follow_symlinks=False)
+        except FileNotFoundError as exc:
+            shutil.rmtree(linked, ignore_errors=True)
+            raise ImageError(
+                f"image file {exc.filename} is missing; the image is kept for inspection"
+            ) from None
+        except BaseException:
+            shutil.rmtree(linked, ignore_errors=True)
+            raise
+        return linked
+
     def discard(self, path_or_id: Path | str) -> None:
-        """Delete an image (or a staging directory); missing is fine."""
-        path = path_or_id if isinstance(path_or_id, Path) else self.path(path_or_id)
+        """Delete an image (or a staging, retired or restore directory); missing is fine.
+
+        An image is retired first: a power loss midway leaves no part of it to adopt.
+        """
+        path = path_or_id if isinstance(path_or_id, Path) else self.retire(path_or_id)
         self._written(path)
         shutil.rmtree(path, ignore_errors=True)
 
     def retire(self, kernel_id: str) -> Path:
-        """Move an image aside at once, freeing its id; :meth:`discard` the result later."""
+        """Move an image aside, durably, freeing its id; :meth:`discard` the result later.
+
+        After a power loss a retired image stays retired: a woken kernel's old
+        image must not come back as a hibernated kernel.
+        """
         retired = self.root / f"{_RETIRED_PREFIX}{kernel_id}.{uuid.uuid4().hex[:8]}"
-        with contextlib.suppress(FileNotFoundError):
+        try:
             self.path(kernel_id).rename(retired)
+        except FileNotFoundError:
+            return retired
+        fsync(self.root)
         return retired
 
     def sweep(self) -> None:
-        """Delete what an interrupted server left: partial and retired images."""
+        """Delete what an interrupted server left: partial, retired and restore directories,
+        and a half-written key."""
         for path in self.root.glob(".*"):
-            if path.is_dir() and path.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX)):
+            if not path.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX, _RESTORE_PREFIX)):
+                continue
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _sign(self, manifest: dict[str, Any]) -> str:
         return hmac.new(self._key, _canonical(manifest), hashlib.sha256).hexdigest()

@@ -37,8 +37,6 @@ DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 _PIDFILE = "restored.pid"
 _PROC_MOUNT = "proc.crtools"
-# Left behind by an interrupted lazy restore; a new restore refuses to start with it.
-_STALE = ("lazy-pages.socket", _PIDFILE)
 
 
 def _log_errors(log: Path, limit: int = 6) -> str:
@@ -187,8 +185,9 @@ class CriuEngine(Engine):
     async def restore(self, image_dir: Path) -> int:
         """Restore the tree from ``image_dir`` as our child, stopped; return its host pid.
 
-        Nothing of the kernel runs until the caller continues it (SIGCONT).
+        CRIU reads any image file it knows the name of from ``image_dir``, and
+        writes its log and pidfile there: give it a fresh directory holding only
+        the image's signed files (``ImageStore.restore_dir``). Nothing of the
+        kernel runs until the caller continues it (SIGCONT).
         """
-        for name in _STALE:
-            (image_dir / name).unlink(missing_ok=True)
         return await asyncio.to_thread(self.driver.restore, image_dir)
