@@ -15,7 +15,7 @@ from typing import Any
 
 from kernelhib import server_client
 from kernelhib.doctor import diagnose, format_table, render_table
-from kernelhib.engines.criu_install import CriuUnavailable, install_criu
+from kernelhib.engines.criu_install import DEBIAN_SOURCES, CriuUnavailable, install_criu
 
 ENGINES = ("auto", "criu", "dill")
 
@@ -37,12 +37,29 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     install = commands.add_parser(
-        "install-criu", help="install CRIU >= 4.2 from Debian unstable into a private prefix"
+        "install-criu",
+        help="install the pinned CRIU >= 4.2 from Debian's packages into a private prefix",
     )
     install.add_argument(
         "--prefix", type=Path, help="install here instead of kernelhib's data directory"
     )
     install.add_argument("--force", action="store_true", help="reinstall even if it works")
+    install.add_argument(
+        "--debian-source",
+        action="append",
+        dest="sources",
+        metavar="LINE",
+        help="a sources.list line to take the pinned packages from, e.g. a local mirror; "
+        "repeat it for fallbacks, tried in order (default: "
+        + "; ".join(f"'{source}'" for source in DEBIAN_SOURCES)
+        + ")",
+    )
+    install.add_argument(
+        "--allow-unpinned",
+        action="store_true",
+        help="if no source has the pinned packages any more (or this architecture has no "
+        "pins), install the first source's current ones, unverified",
+    )
     install.set_defaults(run=_install_criu)
 
     doctor = commands.add_parser("doctor", help="tell which hibernation engines work here")
@@ -81,7 +98,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _install_criu(args: argparse.Namespace) -> int:
-    install_criu(args.prefix, force=args.force, log=print)  # its log says where and which
+    install_criu(  # its log says where and which
+        args.prefix,
+        force=args.force,
+        allow_unpinned=args.allow_unpinned,
+        sources=args.sources or DEBIAN_SOURCES,
+        log=print,
+    )
     return 0
 
 
