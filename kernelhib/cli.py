@@ -8,13 +8,22 @@ turns failures into a message on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kernelhib import server_client
-from kernelhib.doctor import diagnose, format_table, render_table
+from kernelhib.doctor import (
+    Setting,
+    as_json,
+    describe_setting,
+    diagnose,
+    format_table,
+    render_table,
+    server_criu_path,
+)
 from kernelhib.engines.criu_install import DEBIAN_SOURCES, CriuUnavailable, install_criu
 
 ENGINES = ("auto", "criu", "dill")
@@ -62,12 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     install.set_defaults(run=_install_criu)
 
-    doctor = commands.add_parser("doctor", help="tell which hibernation engines work here")
+    doctor = commands.add_parser(
+        "doctor",
+        help="tell which hibernation engines work here, with the Jupyter server's configuration",
+    )
     doctor.add_argument(
         "--criu-path",
         default="",
-        help="check this criu binary instead of searching PATH and the private install",
+        help="check this criu binary instead of the server's KernelHibernator.criu_path",
     )
+    doctor.add_argument("--json", action="store_true", help="print the answer as JSON")
     doctor.set_defaults(run=_doctor)
 
     server = argparse.ArgumentParser(add_help=False)
@@ -109,8 +122,12 @@ def _install_criu(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    reports = diagnose(args.criu_path)
-    print(format_table(reports))
+    setting = Setting(args.criu_path, "--criu-path") if args.criu_path else server_criu_path()
+    reports = diagnose(setting.value)
+    if args.json:
+        print(json.dumps(as_json(setting, reports), indent=2))
+    else:
+        print(f"{describe_setting(setting)}\n\n{format_table(reports)}")
     return 0 if any(report.ok for _, report in reports) else 1
 
 
