@@ -69,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         help="if no source has the pinned packages any more (or this architecture has no "
         "pins), install the first source's current ones, unverified",
     )
+    install.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="do not require `criu check` to pass here, e.g. in an image build, which lacks "
+        "the capabilities CRIU needs; check with `kernelhib doctor` where the server runs",
+    )
     install.set_defaults(run=_install_criu)
 
     doctor = commands.add_parser(
@@ -115,6 +122,7 @@ def _install_criu(args: argparse.Namespace) -> int:
         args.prefix,
         force=args.force,
         allow_unpinned=args.allow_unpinned,
+        check=args.check,
         sources=args.sources or DEBIAN_SOURCES,
         log=print,
     )

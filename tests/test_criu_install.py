@@ -208,6 +208,39 @@ def test_moved_pins_refuse_unless_allow_unpinned_which_warns_and_prints_new_pins
     assert file.endswith(f"_{arch}.deb")
 
 
+@pytest.mark.criu
+def test_no_check_installs_where_criu_cannot_run_as_in_an_image_build(tmp_path):
+    require_installable()
+    prefix = tmp_path / "criu"
+    # Root without capabilities, as in a container image build: CRIU cannot run.
+    without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    install = [sys.executable, "-m", "kernelhib.cli", "install-criu", "--prefix", str(prefix)]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*without_capabilities, *install, *extra, "--debian-source", SID],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+
+    refused = run()
+    assert refused.returncode == 1
+    assert "the downloaded CRIU fails `criu check` on this machine" in refused.stderr
+    assert "install with --no-check" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    unchecked = run("--no-check")
+    assert unchecked.returncode == 0, unchecked.stdout + unchecked.stderr
+    assert "Not checked with `criu check` (--no-check)" in unchecked.stdout
+    assert (
+        unchecked.stdout.splitlines()[-1] == f"Installed CRIU 4.2.1 at {prefix / 'bin' / 'criu'}."
+    )
+    # Where the server runs, with its capabilities, the same CRIU passes.
+    assert criu_check(prefix / "bin" / "criu").ok
+
+
 def test_an_architecture_without_pins_needs_allow_unpinned(tmp_path, monkeypatch):
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         pytest.skip("needs root and apt-get to get that far")

@@ -298,8 +298,8 @@ def find_pycriu(criu_path: Path) -> Path | None:
     return Path(spec.origin).parent.parent if spec and spec.origin else None
 
 
-def verify_criu(path: Path, remedy: str) -> CriuBinary:
-    """Accept ``path`` only if it is recent enough and ``criu check`` passes."""
+def verify_criu(path: Path, remedy: str, *, check: bool = True) -> CriuBinary:
+    """Accept ``path`` only if it is recent enough and passes ``criu check`` (if ``check``)."""
     version = criu_version(path, remedy)
     if version < MIN_CRIU_VERSION:
         raise CriuUnavailable(
@@ -307,11 +307,12 @@ def verify_criu(path: Path, remedy: str) -> CriuBinary:
             f"{version_text(MIN_CRIU_VERSION)} or later is needed on kernels >= 6.16",
             remedy,
         )
-    check = criu_check(path)
-    if not check.ok:
-        if os.geteuid() != 0:
-            remedy = "CRIU needs root on this machine: run the Jupyter server as root"
-        raise CriuUnavailable(f"`{path} check` failed", remedy, check.output)
+    if check:
+        checked = criu_check(path)
+        if not checked.ok:
+            if os.geteuid() != 0:
+                remedy = "CRIU needs root on this machine: run the Jupyter server as root"
+            raise CriuUnavailable(f"`{path} check` failed", remedy, checked.output)
     return CriuBinary(path, version, find_pycriu(path))
 
 
@@ -362,6 +363,7 @@ def install_criu(
     *,
     force: bool = False,
     allow_unpinned: bool = False,
+    check: bool = True,
     sources: Sequence[str] = DEBIAN_SOURCES,
     log: Callable[[str], None] = print,
 ) -> CriuBinary:
@@ -373,8 +375,10 @@ def install_criu(
     source stand in when the pins are gone from every source. Returns at once,
     without network, when ``prefix`` already holds a working CRIU (unless
     ``force``). The prefix is built next to its final place and renamed in, so
-    a failed install never leaves a half prefix behind. Needs root, as CRIU
-    does here; blocks for seconds, so call it from a thread.
+    a failed install never leaves a half prefix behind. Without ``check`` the
+    new CRIU must only run and tell its version, not pass ``criu check``: an
+    image build lacks the capabilities CRIU needs. Needs root, as CRIU does
+    here; blocks for seconds, so call it from a thread.
     """
     if os.geteuid() != 0:
         raise CriuUnavailable(
@@ -385,7 +389,7 @@ def install_criu(
     binary = installed_binary(prefix)
     if binary.is_file() and not force:
         try:
-            found = verify_criu(binary, INSTALL_HINT)
+            found = verify_criu(binary, INSTALL_HINT, check=check)
         except CriuUnavailable as exc:
             log(f"The CRIU in {prefix} does not work ({exc.reason}); reinstalling.")
         else:
@@ -399,12 +403,14 @@ def install_criu(
         debs = _download(Path(work), sources, allow_unpinned, log)
         staging = Path(tempfile.mkdtemp(prefix=f".{prefix.name}-new-", dir=prefix.parent))
         try:
-            _build_prefix(debs, staging, prefix, patchelf, log)
+            _build_prefix(debs, staging, prefix, patchelf, check, log)
             _swap_into_place(staging, prefix)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     clear_criu_cache()
-    installed = verify_criu(binary, f"{INSTALL_HINT} --force")
+    installed = verify_criu(binary, f"{INSTALL_HINT} --force", check=check)
+    if not check:
+        log("Not checked with `criu check` (--no-check): kernelhib doctor and the server do that.")
     log(f"Installed CRIU {version_text(installed.version)} at {binary}.")
     return installed
 
@@ -624,11 +630,16 @@ def sha256_of(path: Path) -> str:
 
 
 def _build_prefix(
-    debs: list[Path], staging: Path, prefix: Path, patchelf: Path, log: Callable[[str], None]
+    debs: list[Path],
+    staging: Path,
+    prefix: Path,
+    patchelf: Path,
+    check: bool,
+    log: Callable[[str], None],
 ) -> None:
     """Unpack ``debs`` into ``staging`` and leave a criu patched for ``prefix``.
 
-    The binary is checked while still in ``staging`` (patched for it), then
+    The binary is verified while still in ``staging`` (patched for it), then
     patched again for its final place: the loader path must be absolute.
     """
     log(f"Unpacking {len(debs)} packages...")
@@ -649,13 +660,17 @@ def _build_prefix(
     binary.parent.mkdir()
     (staging / "usr" / "sbin" / "criu").rename(binary)
     _patch(patchelf, binary, staging, loaders[0].name, multiarch)
-    check = criu_check(binary)
-    if not check.ok:
-        raise CriuUnavailable(
-            "the downloaded CRIU fails `criu check` on this machine",
-            "see CRIU's output below",
-            check.output,
-        )
+    if check:
+        checked = criu_check(binary)
+        if not checked.ok:
+            raise CriuUnavailable(
+                "the downloaded CRIU fails `criu check` on this machine",
+                "see CRIU's output below; where CRIU cannot run (an image build), "
+                "install with --no-check and check where the server runs",
+                checked.output,
+            )
+    else:
+        criu_version(binary, "retry the install")  # it runs, with the prefix's libraries
     _patch(patchelf, binary, prefix, loaders[0].name, multiarch)
     os.chmod(staging, 0o755)  # mkdtemp made it 0700; nothing here is secret
 
