@@ -8,15 +8,24 @@ turns failures into a message on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kernelhib import server_client
-from kernelhib.doctor import diagnose, format_table, render_table
+from kernelhib.doctor import (
+    Setting,
+    as_json,
+    describe_setting,
+    diagnose,
+    format_table,
+    render_table,
+    server_criu_path,
+)
 from kernelhib.engines.base import ENGINE_CHOICES
-from kernelhib.engines.criu_install import CriuUnavailable, install_criu
+from kernelhib.engines.criu_install import DEBIAN_SOURCES, CriuUnavailable, install_criu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,20 +45,48 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     install = commands.add_parser(
-        "install-criu", help="install CRIU >= 4.2 from Debian unstable into a private prefix"
+        "install-criu",
+        help="install the pinned CRIU >= 4.2 from Debian's packages into a private prefix",
     )
     install.add_argument(
         "--prefix", type=Path, help="install here instead of kernelhib's data directory"
     )
     install.add_argument("--force", action="store_true", help="reinstall even if it works")
+    install.add_argument(
+        "--debian-source",
+        action="append",
+        dest="sources",
+        metavar="LINE",
+        help="a sources.list line to take the pinned packages from, e.g. a local mirror; "
+        "repeat it for fallbacks, tried in order (default: "
+        + "; ".join(f"'{source}'" for source in DEBIAN_SOURCES)
+        + ")",
+    )
+    install.add_argument(
+        "--allow-unpinned",
+        action="store_true",
+        help="if no source has the pinned packages any more (or this architecture has no "
+        "pins), install the first source's current ones, unverified",
+    )
+    install.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="do not require `criu check` to pass here, e.g. in an image build, which lacks "
+        "the capabilities CRIU needs; check with `kernelhib doctor` where the server runs",
+    )
     install.set_defaults(run=_install_criu)
 
-    doctor = commands.add_parser("doctor", help="tell which hibernation engines work here")
+    doctor = commands.add_parser(
+        "doctor",
+        help="tell which hibernation engines work here, with the Jupyter server's configuration",
+    )
     doctor.add_argument(
         "--criu-path",
         default="",
-        help="check this criu binary instead of searching PATH and the private install",
+        help="check this criu binary instead of the server's KernelHibernator.criu_path",
     )
+    doctor.add_argument("--json", action="store_true", help="print the answer as JSON")
     doctor.set_defaults(run=_doctor)
 
     server = argparse.ArgumentParser(add_help=False)
@@ -80,13 +117,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _install_criu(args: argparse.Namespace) -> int:
-    install_criu(args.prefix, force=args.force, log=print)  # its log says where and which
+    install_criu(  # its log says where and which
+        args.prefix,
+        force=args.force,
+        allow_unpinned=args.allow_unpinned,
+        check=args.check,
+        sources=args.sources or DEBIAN_SOURCES,
+        log=print,
+    )
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    reports = diagnose(args.criu_path)
-    print(format_table(reports))
+    setting = Setting(args.criu_path, "--criu-path") if args.criu_path else server_criu_path()
+    reports = diagnose(setting.value)
+    if args.json:
+        print(json.dumps(as_json(setting, reports), indent=2))
+    else:
+        print(f"{describe_setting(setting)}\n\n{format_table(reports)}")
     return 0 if any(report.ok for _, report in reports) else 1
 
 

@@ -1,19 +1,127 @@
 """Tell an admin which hibernation engines work here, and what to do if none.
 
 Each engine answers for itself (:meth:`Engine.availability`); a new engine
-gets its row by being added to the list in :func:`diagnose`.
+gets its row by being added to the list in :func:`diagnose`. The CRIU asked
+about is the one the Jupyter server is configured with: :func:`server_criu_path`
+reads the server's configuration as jupyter_server does.
 """
 
 from __future__ import annotations
 
+import os
 import textwrap
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.paths import jupyter_config_path
+from traitlets.config.loader import (
+    ConfigFileNotFound,
+    JSONFileConfigLoader,
+    KVArgParseConfigLoader,
+    PyFileConfigLoader,
+)
 
 from . import provisioner
+from .app import KernelHibernatorApp
 from .engines.base import Availability, Engine
 from .engines.criu import CriuEngine
+from .engines.criu_install import locate_criu, version_text
 from .engines.dill import DillEngine
+from .hibernator import KernelHibernator
+
+# The files jupyter_server reads KernelHibernator's settings from, lowest
+# priority first: its extension apps merge their own file under the server's.
+CONFIG_FILES = (
+    "jupyter_config",
+    f"jupyter_{KernelHibernatorApp.name}_config",
+    "jupyter_server_config",
+)
+CRIU_PATH_OPTION = "--KernelHibernator.criu_path"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A configured value and where it was set; ``source`` is empty when nowhere.
+
+    ``problems`` names the configuration the server would skip, or fail on.
+    """
+
+    value: str
+    source: str
+    problems: tuple[str, ...] = ()
+
+
+def server_criu_path() -> Setting:
+    """``KernelHibernator.criu_path`` as the Jupyter server gets it, and from where.
+
+    Config files come from the Jupyter config path, as the server reads them;
+    the running server's command line overrides them, and is where JupyterHub's
+    spawners put their settings.
+    """
+    setting = Setting("", "")
+    problems: list[str] = []
+    for name in CONFIG_FILES:
+        for directory in reversed(jupyter_config_path()):
+            for loader in (
+                PyFileConfigLoader(f"{name}.py", path=directory),
+                JSONFileConfigLoader(f"{name}.json", path=directory),
+            ):
+                try:
+                    config = loader.load_config()
+                except ConfigFileNotFound:
+                    continue
+                except Exception as exc:  # the server logs and skips such a file too
+                    problems.append(f"{loader.full_filename} does not load: {exc}")
+                    continue
+                if "criu_path" in config.KernelHibernator:
+                    setting = Setting(config.KernelHibernator.criu_path, loader.full_filename)
+    pid = _server_pid()
+    argv = _command_line(pid) if pid else []
+    options = [
+        token
+        for index, token in enumerate(argv)
+        if token.startswith(CRIU_PATH_OPTION) or (index and argv[index - 1] == CRIU_PATH_OPTION)
+    ]
+    if options:
+        try:
+            config = KVArgParseConfigLoader(options, classes=[KernelHibernator]).load_config()
+        except Exception as exc:  # the server would not have started with it
+            problems.append(f"the command line of the Jupyter server (pid {pid}): {exc}")
+        else:
+            source = f"the command line of the Jupyter server (pid {pid})"
+            setting = Setting(config.KernelHibernator.criu_path, source)
+    return replace(setting, problems=tuple(problems))
+
+
+def _server_pid() -> int | None:
+    """The running Jupyter server this process runs under, else the only one running."""
+    from jupyter_server.serverapp import list_running_servers
+
+    running = {info["pid"] for info in list_running_servers() if "pid" in info}
+    mine = next((pid for pid in _ancestors() if pid in running), None)
+    return mine or (next(iter(running)) if len(running) == 1 else None)
+
+
+def _ancestors() -> Iterator[int]:
+    """This process's parent, grandparent... (a terminal's or a kernel's server among them)."""
+    pid = os.getppid()
+    while pid > 1:
+        yield pid
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        pid = int(stat.rpartition(")")[2].split()[1])  # the name may hold spaces
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")]
 
 
 def diagnose(criu_path: str = "") -> list[tuple[str, Availability]]:
@@ -32,6 +140,35 @@ def _on_gpu_host(report: Availability) -> Availability:
         return report
     detail = f"{report.detail}; but {provisioner.ON_GPU_HOST}, and are hibernated with dill"
     return replace(report, detail=detail, remedy=provisioner.IF_NO_CUDA)
+
+
+def describe_setting(setting: Setting) -> str:
+    """Say which ``criu_path`` the server gets and where from, for ``kernelhib doctor``."""
+    if setting.source:
+        text = f"KernelHibernator.criu_path = {setting.value!r}, from {setting.source}."
+    else:
+        text = (
+            "KernelHibernator.criu_path is not set (in no config file on the Jupyter config "
+            "path, nor on a running server's command line): the server uses criu on PATH if "
+            "it works, else the one `kernelhib install-criu` installed."
+        )
+    return "\n".join([text, *(f"Warning: {problem}" for problem in setting.problems)])
+
+
+def as_json(setting: Setting, reports: Sequence[tuple[str, Availability]]) -> dict[str, Any]:
+    """``kernelhib doctor --json``: the setting, the CRIU it selects, and each engine's report.
+
+    ``criu`` is null unless the CRIU engine works; ``source`` is null when unset.
+    """
+    criu = None
+    if dict(reports)[CriuEngine.name].ok:
+        binary = locate_criu(setting.value)  # cached: the engine just found it
+        criu = {"path": str(binary.path), "version": version_text(binary.version)}
+    return {
+        "criu_path": asdict(setting) | {"source": setting.source or None},
+        "criu": criu,
+        "engines": [{"name": name, **asdict(report)} for name, report in reports],
+    }
 
 
 def format_table(reports: Sequence[tuple[str, Availability]]) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,22 +56,89 @@ def test_install_criu_then_doctor(data_dir):
 
     doctor = kernelhib("doctor", env=data_dir)
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    row = doctor.stdout.splitlines()[2].split()
+    row = doctor.stdout.splitlines()[4].split()
     assert row[:2] == ["criu", "works"]
     assert "criu check passed" in doctor.stdout
     assert "RPC driver" in doctor.stdout
 
 
+def doctor_json(*args: str, env: dict[str, str]) -> dict[str, Any]:
+    """``kernelhib doctor --json``'s answer, in a child process with ``env``."""
+    doctor = kernelhib("doctor", "--json", *args, env=env)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    return json.loads(doctor.stdout)
+
+
+def jupyter_dirs(tmp_path: Path) -> dict[str, str]:
+    """An environment with its own, empty, Jupyter config and runtime directories."""
+    env = {"JUPYTER_CONFIG_DIR": tmp_path / "config", "JUPYTER_RUNTIME_DIR": tmp_path / "runtime"}
+    for directory in env.values():
+        directory.mkdir()
+    return {name: str(directory) for name, directory in env.items()}
+
+
 def test_doctor_without_criu_says_why_and_that_dill_still_works(tmp_path):
-    doctor = kernelhib("doctor", "--criu-path", str(tmp_path / "criu"))
-    assert doctor.returncode == 0, "one engine works: dill"
-    rows = {
-        line.split()[0]: line.split()[1]
-        for line in doctor.stdout.splitlines()[2:]
-        if line[:1] != " "
-    }
-    assert rows == {"criu": "unavailable", "dill": "works"}
-    assert "does not exist" in doctor.stdout or "root" in doctor.stdout
+    missing = str(tmp_path / "criu")
+    answer = doctor_json("--criu-path", missing, env=jupyter_dirs(tmp_path))
+    assert answer["criu_path"] == {"value": missing, "source": "--criu-path", "problems": []}
+    assert answer["criu"] is None
+    engines = {engine["name"]: engine for engine in answer["engines"]}
+    assert {name: engine["ok"] for name, engine in engines.items()} == {"criu": False, "dill": True}
+    assert "does not exist" in engines["criu"]["detail"] or "root" in engines["criu"]["detail"]
+
+
+def test_doctor_checks_the_criu_path_of_the_servers_config_file(criu_path: str, tmp_path: Path):
+    env = jupyter_dirs(tmp_path)
+    config = Path(env["JUPYTER_CONFIG_DIR"])
+    (link := tmp_path / "criu-link").symlink_to(criu_path)
+    (config / "jupyter_server_config.py").write_text(
+        f"c = get_config()\nc.KernelHibernator.criu_path = {str(link)!r}\n"
+    )
+    # The server merges kernelhib's own config file under its own: this one loses.
+    (config / "jupyter_kernelhib_config.json").write_text(
+        json.dumps({"KernelHibernator": {"criu_path": str(tmp_path / "not-this-one")}})
+    )
+
+    answer = doctor_json(env=env)
+
+    source = str(config / "jupyter_server_config.py")
+    assert answer["criu_path"] == {"value": str(link), "source": source, "problems": []}
+    assert answer["criu"]["path"] == str(link)
+    assert answer["engines"][0]["ok"], answer["engines"][0]
+    text = kernelhib("doctor", env=env).stdout
+    assert text.splitlines()[0] == f"KernelHibernator.criu_path = {str(link)!r}, from {source}."
+
+
+def test_doctor_names_a_config_file_that_does_not_load_and_the_unset_criu_path(tmp_path: Path):
+    env = jupyter_dirs(tmp_path)
+    (Path(env["JUPYTER_CONFIG_DIR"]) / "jupyter_server_config.py").write_text("1/0\n")
+    answer = doctor_json(env=env)
+    assert answer["criu_path"]["value"] == ""
+    assert answer["criu_path"]["source"] is None
+    [problem] = answer["criu_path"]["problems"]
+    assert problem.startswith(f"{env['JUPYTER_CONFIG_DIR']}/jupyter_server_config.py does not load")
+    text = kernelhib("doctor", env=env).stdout.splitlines()
+    assert text[0].startswith("KernelHibernator.criu_path is not set")
+    assert text[1] == f"Warning: {problem}"
+
+
+@pytest.mark.criu
+async def test_doctor_takes_criu_path_from_the_running_servers_command_line(
+    launch_server, criu_path: str, tmp_path: Path
+):
+    # As JupyterHub's spawner does: criu_path on the command line, which beats the files.
+    config = tmp_path / "jupyter" / "config"
+    config.mkdir(parents=True)
+    (config / "jupyter_server_config.json").write_text(
+        json.dumps({"KernelHibernator": {"criu_path": str(tmp_path / "overridden")}})
+    )
+    server = await launch_server()
+
+    answer = await asyncio.to_thread(doctor_json, env=server.env)
+
+    source = f"the command line of the Jupyter server (pid {server.process.pid})"
+    assert answer["criu_path"] == {"value": criu_path, "source": source, "problems": []}
+    assert answer["criu"]["path"] == criu_path
 
 
 def test_doctor_on_a_gpu_host_says_kernels_are_hibernated_with_dill(

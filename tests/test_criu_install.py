@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from kernelhib.engines import criu_install
 from kernelhib.engines.criu_install import (
     MIN_CRIU_VERSION,
+    PINS,
     CriuUnavailable,
+    Pin,
     clear_criu_cache,
     criu_check,
+    dpkg_architecture,
     install_criu,
     locate_criu,
     parse_version,
@@ -97,6 +101,159 @@ def test_install_then_reuse_then_force(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["criu"]
     # The binary runs from its final place, not a deleted staging directory.
     assert locate_criu(str(criu.path)) == criu
+
+
+SID = "deb http://deb.debian.org/debian sid main"
+# Debian 13 carries CRIU 4.1.1: none of the pinned files, now or later.
+TRIXIE = "deb http://deb.debian.org/debian trixie main"
+UNREACHABLE = "deb http://127.0.0.1:9/debian sid main"
+
+
+def test_pins_name_a_recent_criu_with_its_pycriu():
+    for arch, pins in PINS.items():
+        versions = {pin.package: pin.version for pin in pins}
+        assert parse_version(f"Version: {versions['criu'].split('-')[0]}") >= MIN_CRIU_VERSION
+        assert versions["libcompel1"] == versions["python3-pycriu"] == versions["criu"], arch
+        assert all(len(pin.sha256) == 64 and int(pin.sha256, 16) >= 0 for pin in pins)
+        assert len({pin.package for pin in pins}) == len(pins), f"{arch}: a package twice"
+
+
+def test_pin_spec_decodes_the_epoch_of_a_pool_file_name():
+    pin = Pin("libgmp10_2%3a6.3.0+dfsg-5+b2_amd64.deb", "0" * 64)
+    assert (pin.package, pin.version) == ("libgmp10", "2:6.3.0+dfsg-5+b2")
+    assert pin.spec == "libgmp10=2:6.3.0+dfsg-5+b2"
+
+
+@pytest.mark.criu
+def test_tampered_deb_is_refused_and_the_prefix_is_left_alone(tmp_path, monkeypatch):
+    require_installable()
+    # A working install already there, which --force would replace.
+    prefix = tmp_path / "criu"
+    (prefix / "bin").mkdir(parents=True)
+    old = fake_criu(prefix / "bin", "Version: 4.2.1").read_bytes()
+    real_download = criu_install._download_pinned
+
+    def download_then_tamper(work, debs, *args, **kwargs):
+        """The real download, then one byte of criu's .deb flipped on its way."""
+        result = real_download(work, debs, *args, **kwargs)
+        deb = next(debs.glob("criu_*.deb"))
+        data = bytearray(deb.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        deb.write_bytes(data)
+        return result
+
+    monkeypatch.setattr(criu_install, "_download_pinned", download_then_tamper)
+    with pytest.raises(CriuUnavailable) as caught:
+        install_criu(prefix, force=True, sources=[SID], log=lambda line: None)
+    pin = next(pin for pin in PINS[dpkg_architecture()] if pin.package == "criu")
+    assert caught.value.reason.startswith(f"{pin.file} has SHA-256 ")
+    assert caught.value.reason.endswith(f", but kernelhib pins {pin.sha256}")
+    assert "nothing was installed" in caught.value.remedy
+    assert (prefix / "bin" / "criu").read_bytes() == old
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["criu"], "no staging left"
+
+
+@pytest.mark.criu
+def test_pins_come_from_the_next_source_when_the_first_fails_or_moved_on(tmp_path):
+    require_installable()
+    prefix = tmp_path / "criu"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "kernelhib.cli", "install-criu", "--prefix", str(prefix)),
+            *("--debian-source", UNREACHABLE, "--debian-source", TRIXIE),
+            *("--debian-source", SID),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    pins = PINS[dpkg_architecture()]
+    assert f"`{UNREACHABLE}` failed: `apt-get update` fetched no package list from" in done.stdout
+    assert (
+        f"`{TRIXIE}` carries none of the {len(pins)} pinned packages; trying the next source."
+        in lines
+    )
+    assert f"Downloading {len(pins)} pinned packages from `{SID}`..." in lines
+    assert lines[-1] == f"Installed CRIU 4.2.1 at {prefix / 'bin' / 'criu'}."
+    assert criu_check(prefix / "bin" / "criu").ok
+
+
+@pytest.mark.criu
+def test_moved_pins_refuse_unless_allow_unpinned_which_warns_and_prints_new_pins(
+    tmp_path, monkeypatch
+):
+    require_installable()
+    arch = dpkg_architecture()
+    # The archive has moved on: the pinned criu is gone from every source.
+    gone = Pin(f"criu_4.2.0-0_{arch}.deb", "0" * 64)
+    monkeypatch.setitem(PINS, arch, (gone,))
+    prefix = tmp_path / "criu"
+    with pytest.raises(CriuUnavailable) as caught:
+        install_criu(prefix, sources=[SID], log=lambda line: None)
+    assert caught.value.reason == f"1 pinned packages are in none of the sources: {gone.file}"
+    assert "--allow-unpinned" in caught.value.remedy
+    assert list(tmp_path.iterdir()) == []
+
+    logs: list[str] = []
+    criu = install_criu(prefix, allow_unpinned=True, sources=[SID], log=logs.append)
+    assert criu.version >= MIN_CRIU_VERSION
+    assert any(line.startswith("WARNING: installing the CURRENT CRIU packages") for line in logs)
+    # The pins to paste into PINS, one per downloaded file, with that file's SHA-256.
+    criu_row = next(line for line in logs if line.startswith('    Pin("criu_'))
+    file, digest = criu_row.split('"')[1::2]
+    assert len(digest) == 64
+    assert file.endswith(f"_{arch}.deb")
+
+
+@pytest.mark.criu
+def test_no_check_installs_where_criu_cannot_run_as_in_an_image_build(tmp_path):
+    require_installable()
+    prefix = tmp_path / "criu"
+    # Root without capabilities, as in a container image build: CRIU cannot run.
+    without_capabilities = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+    install = [sys.executable, "-m", "kernelhib.cli", "install-criu", "--prefix", str(prefix)]
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*without_capabilities, *install, *extra, "--debian-source", SID],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+
+    refused = run()
+    assert refused.returncode == 1
+    assert "the downloaded CRIU fails `criu check` on this machine" in refused.stderr
+    assert "install with --no-check" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+
+    unchecked = run("--no-check")
+    assert unchecked.returncode == 0, unchecked.stdout + unchecked.stderr
+    assert "Not checked with `criu check` (--no-check)" in unchecked.stdout
+    assert (
+        unchecked.stdout.splitlines()[-1] == f"Installed CRIU 4.2.1 at {prefix / 'bin' / 'criu'}."
+    )
+    # Where the server runs, with its capabilities, the same CRIU passes.
+    assert criu_check(prefix / "bin" / "criu").ok
+
+
+def test_an_architecture_without_pins_needs_allow_unpinned(tmp_path, monkeypatch):
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("needs root and apt-get to get that far")
+    monkeypatch.setattr(criu_install, "PINS", {"s390x": ()})
+    with pytest.raises(CriuUnavailable) as caught:
+        install_criu(tmp_path / "criu", sources=[UNREACHABLE], log=lambda line: None)
+    arch = dpkg_architecture()
+    assert (
+        caught.value.reason
+        == f"kernelhib pins CRIU packages for s390x only, and this host is {arch}"
+    )
+    assert "--allow-unpinned" in caught.value.remedy
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_install_refuses_without_apt(tmp_path):
