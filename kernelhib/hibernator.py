@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -27,14 +29,17 @@ from traitlets import Any as AnyTrait
 from traitlets import Bool, CaselessStrEnum, Float, Instance, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from . import journal
 from .engines.base import ENGINE_CHOICES, Engine, EngineError
 from .engines.criu import CriuEngine
 from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
+from .journal import process_start, server_id
 from .kernel_process import gpu_memory, tree_memory
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
+from .recovery import boot_ticks, recover
 
 EVENT_SCHEMA_ID = "https://events.jupyter.org/kernelhib/hibernation/v1"
 EVENT_SCHEMA = Path(__file__).parent / "events" / "hibernation.yaml"
@@ -266,6 +271,8 @@ class KernelHibernator(LoggingConfigurable):
         self._background: set[asyncio.Future[Any]] = set()
         # Kernel id -> the operation in flight on it, and a future done when it ends.
         self._operations: dict[str, tuple[Operation, asyncio.Future[None]]] = {}
+        self.server_id = server_id()
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def store(self) -> ImageStore:
@@ -355,6 +362,28 @@ class KernelHibernator(LoggingConfigurable):
             del self._operations[kernel_id]
             done.set_result(None)
 
+    async def _journal(self, km: KernelManager, state: str) -> None:
+        """Record durably what the kernel's process is doing (see :mod:`kernelhib.journal`)."""
+        pid = km.provisioner.pid if km.provisioner else 0
+        entry = journal.Entry(
+            km.kernel_id,
+            self.server_id,
+            state,
+            pid or 0,
+            process_start(pid) if pid else 0,
+            _facts(km),
+        )
+        await asyncio.to_thread(self.store.journal.write, entry)
+
+    async def journal_start(self, kernel_id: str) -> None:
+        """Record a kernel about to be launched: if the server dies, it is ended with it."""
+        entry = journal.Entry(kernel_id, self.server_id, journal.RUNNING)
+        await asyncio.to_thread(self.store.journal.write, entry)
+
+    def journal_end(self, kernel_id: str) -> None:
+        """Forget the journal entry of a kernel that has no process any more."""
+        self.store.journal.remove(kernel_id, self.server_id)
+
     def _kernel(self, kernel_id: str) -> KernelManager:
         if kernel_id not in self.kernel_manager:
             raise KernelNotFound(f"no kernel {kernel_id}")
@@ -398,6 +427,9 @@ class KernelHibernator(LoggingConfigurable):
         record.state, record.error = "hibernating", ""
         self._emit("hibernate-started", kernel_id, record)
         started = time.monotonic()
+        # From here until the commit, this process is all there is of the kernel:
+        # if the server dies, it is kept running for the next server.
+        await self._journal(km, journal.HIBERNATING)
         try:
             try:
                 image = await self._write_image(km, chosen, fallback)
@@ -425,9 +457,11 @@ class KernelHibernator(LoggingConfigurable):
         except (Exception, asyncio.CancelledError) as exc:
             record.state = "running"
             record.error = f"hibernation failed, the kernel runs on: {exc}"
+            await self._journal(km, journal.RUNNING)
             self._emit("hibernate-failed", kernel_id, record)
             raise HibernationError(record.error) from exc
 
+        await asyncio.to_thread(self.store.journal.remove, kernel_id)  # no process left
         record.settle(image)
         record.seconds = time.monotonic() - started
         km.execution_state = "hibernated"
@@ -452,12 +486,10 @@ class KernelHibernator(LoggingConfigurable):
         staging = await asyncio.to_thread(self.store.stage, km.kernel_id, appended)
         meta: dict[str, Any] = {
             "engine": engine.name,
-            "kernel_name": km.kernel_name,
             "pid": provisioner.pid,
             "execution_state": km.execution_state,
-            "cwd": str(getattr(provisioner, "cwd", "") or ""),
-            "connection": _json_connection_info(km),
             "fallback_reason": fallback,
+            **_facts(km),
         }
         try:
             if engine is self._criu:
@@ -541,6 +573,9 @@ class KernelHibernator(LoggingConfigurable):
         self._emit("wake-started", kernel_id, record)
         restarted = True
         try:
+            # Until the wake ends, a process restored from the image is unverified:
+            # if the server dies, it is ended and the image stays.
+            await self._journal(km, journal.WAKING)
             image = await asyncio.to_thread(self.store.read, kernel_id)
             # The signature check covers the engine too: a manifest claiming CRIU
             # for a dill image, to get its pickles checked late, is refused.
@@ -570,10 +605,17 @@ class KernelHibernator(LoggingConfigurable):
                     await asyncio.to_thread(self.store.discard, linked)
             else:
                 record.lost = await self._restore_dill(km, image.path)
-            # Gone for good before the wake is reported: after a power loss, the
-            # old image must not come back as this kernel, hibernated.
-            retired = await asyncio.to_thread(self.store.retire, kernel_id)
+            try:
+                # The process is the kernel now, then the image is gone for good,
+                # before the wake is reported: whenever the server dies, or the
+                # power fails, one of the two is there, never both, never neither.
+                await self._journal(km, journal.RUNNING)
+                retired = await asyncio.to_thread(self.store.retire, kernel_id)
+            except BaseException:
+                await self._end_process(km)
+                raise
         except (Exception, asyncio.CancelledError) as exc:
+            await asyncio.to_thread(self.store.journal.remove, kernel_id)
             record.state = "hibernated"
             record.error = f"wake failed, the image is kept: {exc}"
             # A dill wake's fresh kernel may have reported itself idle before it was ended.
@@ -671,8 +713,18 @@ class KernelHibernator(LoggingConfigurable):
         raise EngineError(f"the kernel did not answer within {self.wake_timeout:.0f} s")
 
     def start(self) -> None:
-        """Start the idle watcher, once the server's event loop runs."""
+        """Start the idle watcher, once the server's event loop runs, and the watchdog."""
         self.idle.start()
+        if self._watchdog is None:
+            # Its own session: a Ctrl-C in the server's terminal must not end it. The
+            # pipe's write end stays here only (not inheritable): it closes when we exit.
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "kernelhib.watchdog", str(self.store.root), self.server_id],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
 
     async def stop(self) -> None:
         """Stop watching; hibernate running kernels if the server is going away."""
@@ -713,6 +765,7 @@ class KernelHibernator(LoggingConfigurable):
         kernel is adopted would be deleted as a session of a vanished kernel.
         """
         self.store.sweep()
+        self._recover()
         for kernel_id in self.store.kernel_ids():
             if kernel_id in self.kernel_manager:
                 continue
@@ -725,6 +778,33 @@ class KernelHibernator(LoggingConfigurable):
                 continue
             self.record(kernel_id).settle(image)
             self.log.info("Adopted hibernated kernel %s from %s", kernel_id, image.path)
+
+    def _recover(self) -> None:
+        """Settle what servers that died left in the journal; adopt the kernels they kept.
+
+        This server holds the store's claim, so every other server in the
+        journal is gone (its watchdog may be settling the same entries: both
+        act on the same facts).
+        """
+        started_before = boot_ticks()
+        theirs = [e for e in self.store.journal.entries() if e.server != self.server_id]
+        for entry in recover(self.store.journal, self.store.has_image, theirs, started_before):
+            try:
+                self.kernel_manager.adopt_running(entry.kernel_id, entry.facts, entry.pid)
+            except (KeyError, ValueError, OSError) as exc:
+                self.log.error("Cannot adopt kept kernel %s: %s", entry.kernel_id, exc)
+                continue
+            km = self.kernel_manager.get_kernel(entry.kernel_id)
+            self.store.journal.write(
+                journal.Entry(entry.kernel_id, self.server_id, journal.RUNNING, entry.pid,
+                              entry.pid_start, entry.facts)
+            )  # fmt: skip
+            self.record(
+                entry.kernel_id
+            ).error = "the server stopped during this kernel's hibernation; it runs on"
+            self.log.warning(
+                "Adopted kernel %s, running: its server died while hibernating it", km.kernel_id
+            )
 
     async def forget(self, kernel_id: str) -> None:
         """Forget a kernel being shut down or restarted, and its image if it has one.
@@ -758,10 +838,15 @@ def _why_not(engine: Engine) -> str:
     return f"{engine.name} cannot run here: {availability.detail}{remedy}"
 
 
-def _json_connection_info(km: KernelManager) -> dict[str, Any]:
-    """The kernel's ports and key, to re-adopt it from a new server after this one stops."""
+def _facts(km: KernelManager) -> dict[str, Any]:
+    """What a new server needs to take the kernel over after this one stops or dies:
+    its kernelspec, working directory, and its ports and key."""
     info = km.get_connection_info()
-    return {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()}
+    return {
+        "kernel_name": km.kernel_name,
+        "cwd": str(getattr(km.provisioner, "cwd", "") or ""),
+        "connection": {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()},
+    }
 
 
 @contextlib.asynccontextmanager

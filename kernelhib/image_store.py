@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .disk_io import Partial, WriteBehind, digest, evict, fsync
+from .journal import Journal
 from .paths import private_dir
 
 MANIFEST = "manifest.json"
@@ -38,6 +39,7 @@ _KEY_BYTES = 32
 _STAGING_PREFIX = ".partial-"
 _RETIRED_PREFIX = ".retired-"
 _RESTORE_PREFIX = ".restore-"
+_JOURNAL_DIR = ".journal"
 
 
 class ImageError(RuntimeError):
@@ -149,11 +151,16 @@ class ImageStore:
         self.root = private_dir(Path(root))
         self._key = _load_key(self.root / _KEY_FILE)
         self._writing: dict[Path, WriteBehind] = {}
+        self.journal = Journal(self.root / _JOURNAL_DIR, self._sign)
 
     def path(self, kernel_id: str) -> Path:
         if not kernel_id or "/" in kernel_id or kernel_id.startswith("."):
             raise ImageError(f"invalid kernel id {kernel_id!r}")
         return self.root / kernel_id
+
+    def has_image(self, kernel_id: str) -> bool:
+        """Whether a committed image of the kernel is here (whether or not it verifies)."""
+        return (self.path(kernel_id) / MANIFEST).is_file()
 
     def kernel_ids(self) -> list[str]:
         """The kernels that have a committed image here."""

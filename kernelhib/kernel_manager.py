@@ -13,6 +13,7 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
+from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 from jupyter_core.utils import ensure_async
 from jupyter_server.services.kernels.kernelmanager import AsyncMappingKernelManager
@@ -59,6 +60,7 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
             kernel_id = kernel_id or self.new_kernel_id()
             status = await self._status_at_start(kernel_id, kwargs.get("kernel_name"))
             kwargs["env"] = {**(kwargs.get("env") or os.environ), STATUS_ENV: json.dumps(status)}
+            await self.hibernator.journal_start(kernel_id)
         return await super()._async_start_kernel(kernel_id=kernel_id, path=path, **kwargs)
 
     async def _status_at_start(self, kernel_id: str, kernel_name: str | None) -> dict[str, str]:
@@ -145,6 +147,11 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
     restart_kernel = _async_restart_kernel
     shutdown_all = _async_shutdown_all
 
+    def remove_kernel(self, kernel_id: str) -> Any:
+        """Unregister a kernel (shut down, died, or released): its process is gone."""
+        self.hibernator.journal_end(kernel_id)
+        return super().remove_kernel(kernel_id)
+
     def release(self, kernel_id: str) -> None:
         """Unregister a hibernated kernel without touching its image or files."""
         km = self.get_kernel(kernel_id)
@@ -161,33 +168,51 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
         It gets its old ports and key back, so that a CRIU restore (which
         brings back the kernel's listening sockets) is reachable as before.
         """
-        connection = manifest["connection"]
+        km = self._adopt(kernel_id, manifest)
+        km.execution_state = "hibernated"
+        km.last_activity = datetime.fromtimestamp(manifest["created"], timezone.utc)
+
+    def adopt_running(self, kernel_id: str, facts: dict[str, Any], pid: int) -> None:
+        """Register the live kernel process ``pid`` that a dead server left, as running.
+
+        ``facts`` are its kernelspec, working directory, ports and key, as
+        recorded in the journal when its hibernation began.
+        """
+        km = self._adopt(kernel_id, facts, pid)
+        km.execution_state = "idle"
+        km.last_activity = datetime.now(timezone.utc)
+        km.start_restarter()
+
+    def _adopt(
+        self, kernel_id: str, facts: dict[str, Any], pid: int | None = None
+    ) -> KernelManager:
+        """Register a kernel this server did not start: its process ``pid``, or none."""
+        connection = facts["connection"]
         km = self.kernel_manager_factory(
             connection_file=os.path.join(self.connection_dir, f"kernel-{kernel_id}.json"),
             parent=self,
             log=self.log,
-            kernel_name=manifest["kernel_name"],
+            kernel_name=facts["kernel_name"],
             kernel_spec_manager=self.kernel_spec_manager,
         )
         km.kernel_id = kernel_id
         km.load_connection_info(connection)
         km.write_connection_file()
-        km._launch_args = {"cwd": manifest.get("cwd")}
+        km._launch_args = {"cwd": facts.get("cwd")}
         km.provisioner = KernelProvisionerFactory.instance(parent=self).create_provisioner_instance(
             kernel_id, km.kernel_spec, parent=km
         )
         if not isinstance(km.provisioner, HibernatingProvisioner):
-            raise ValueError(f"kernelspec {manifest['kernel_name']!r} uses another provisioner")
-        km.provisioner.adopt(connection, manifest.get("cwd"))
+            raise ValueError(f"kernelspec {facts['kernel_name']!r} uses another provisioner")
+        km.provisioner.adopt(connection, facts.get("cwd"), pid)
         km.ready.set_result(None)
         # As if started here: shutting it down then gets a fresh `ready` future
         # instead of failing to set this done one again.
         km._attempted_start = True
-        km.execution_state = "hibernated"
         km.reason = ""
-        km.last_activity = datetime.fromtimestamp(manifest["created"], timezone.utc)
         self._kernels[kernel_id] = km
         self._kernel_connections[kernel_id] = 0
         self._kernel_ports[kernel_id] = km.ports
         self.start_watching_activity(kernel_id)
         self.add_restart_callback(kernel_id, lambda: self._handle_kernel_died(kernel_id), "dead")
+        return km

@@ -9,9 +9,11 @@ restore to work:
   NVIDIA GPUs (unless configured): CUDA cannot start in such a namespace.
 - No pipes to the server: stdin is /dev/null, output goes to a per-kernel log
   file. A pipe to a process outside the image cannot be restored.
-- No ``JPY_PARENT_PID``: ipykernel's parent poller would end a kernel whose
-  parent changed, which a restored kernel's always has. The kernel dies with
-  the server through ``unshare`` instead (until its first CRIU wake).
+- No ``JPY_PARENT_PID``, and nothing else that ties the kernel's life to the
+  server's: ipykernel's parent poller would end a kernel whose parent changed,
+  which a restored kernel's always has, and a kernel being hibernated must
+  outlive a server that dies meanwhile. The server's watchdog ends the others
+  (see :mod:`kernelhib.recovery`).
 - IPython's history database is private to the kernel: CRIU refuses to restore
   a kernel whose open files changed size, and a shared database grows whenever
   any other kernel runs a cell.
@@ -23,7 +25,6 @@ it need not be our child.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import shutil
 import signal
@@ -40,10 +41,8 @@ from .engines.criu import CriuEngine
 from .kernel_process import KernelProcess
 from .paths import kernelhib_data_dir, private_dir
 
-# --kill-child: the kernel dies with unshare, which dies with the server (see
-# _die_with_parent), so a server killed outright leaves no kernel behind.
+# --kill-child: the kernel dies with unshare, so ending either ends both.
 _UNSHARE = ("unshare", "--pid", "--fork", "--kill-child", "setsid")
-_PR_SET_PDEATHSIG = 1
 # Present where the NVIDIA driver is loaded. In a pid namespace that shares the
 # host's /proc, CUDA fails to start (error 304, "OS call failed or operation not
 # supported on this OS"), seen with driver 580 on an H200; a private /proc would
@@ -53,11 +52,6 @@ ON_GPU_HOST = (
     "this host has NVIDIA GPUs, so kernels start without a pid namespace (CUDA cannot start in one)"
 )
 IF_NO_CUDA = "if kernels here never use CUDA, set HibernatingProvisioner.pid_namespace = 'always'"
-
-
-def _die_with_parent() -> None:
-    """In the launched process: get SIGKILL when the server that started it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _runs_our_python(executable: str) -> bool:
@@ -141,11 +135,11 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         with self.log_file.open("ab") as log:
-            kwargs.update(stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-            if not self.not_restorable:
-                # No JPY_PARENT_PID (a restored kernel's parent always differs); unshare
-                # ties the kernel's life to the server's instead.
-                kwargs.update(independent=True, preexec_fn=_die_with_parent)
+            # independent: no JPY_PARENT_PID, and a session of its own (a Ctrl-C
+            # in the server's terminal is not the kernel's).
+            kwargs.update(
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, independent=True
+            )
             info = await super().launch_kernel(cmd, **kwargs)
         pid = self.process.pid
         if not self.not_restorable:
@@ -242,11 +236,15 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         self.pid = self.pgid = pid
         self.hibernated = False
 
-    def adopt(self, connection_info: dict[str, Any], cwd: str | None) -> None:
-        """Take charge of a kernel an earlier server hibernated: no process, an image."""
+    def adopt(self, connection_info: dict[str, Any], cwd: str | None, pid: int | None) -> None:
+        """Take charge of a kernel an earlier server left: its live process ``pid``, or
+        none (hibernated: an image)."""
         self.connection_info = connection_info
         self.cwd = cwd
-        self.hibernated = True
+        self.hibernated = pid is None
+        if pid is not None:
+            self.kernel = KernelProcess(pid)
+            self.pid = self.pgid = pid
         # Its ports are its own: a fresh process (a dill wake) must bind the same ones.
         self.ports_cached = True
 

@@ -314,19 +314,6 @@ def image_path(serverapp: Any, kernel_id: str) -> Path:
     return Path(serverapp.kernel_manager.hibernator.image_dir) / kernel_id
 
 
-def kernel_processes(kernel_id: str) -> list[int]:
-    """Live processes started for this kernel: they carry its id in their environment."""
-    marker = f"KERNELHIB_KERNEL_ID={kernel_id}".encode()
-    pids = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                pids.append(int(environ.parent.name))
-        except OSError:  # the process ended meanwhile
-            continue
-    return pids
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

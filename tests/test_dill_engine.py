@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from kernelhib import provisioner
+from kernelhib.recovery import kernel_processes
 
-from .conftest import TRACE_A_CHILD, image_path, kernel_processes, summarize, wait_for_state
+from .conftest import TRACE_A_CHILD, image_path, summarize, wait_for_state
 
 DILL = {"engine": "dill"}
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import kernel_processes
+from kernelhib.recovery import kernel_processes
 
 pytestmark = pytest.mark.criu
 

@@ -18,8 +18,9 @@ import pytest
 from kernelhib.engines.criu import CriuEngine
 from kernelhib.hibernator import KernelHibernator
 from kernelhib.provisioner import HibernatingProvisioner
+from kernelhib.recovery import kernel_processes
 
-from .conftest import image_path, kernel_processes, wait_for_state
+from .conftest import image_path, wait_for_state
 
 pytestmark = pytest.mark.criu
 

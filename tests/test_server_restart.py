@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import TRACE_A_CHILD, ServerProcess, kernel_processes
+from kernelhib.recovery import kernel_processes
+
+from .conftest import TRACE_A_CHILD, ServerProcess
 
 pytestmark = pytest.mark.criu
 
