@@ -265,8 +265,8 @@ class ServerProcess:
             text = response.read().decode()
         return json.loads(text) if text else None
 
-    async def api(self, method: str, *parts: str, body: Any = None, expect: int = 200) -> Any:
-        """A JSON REST call, like the ``api`` fixture's."""
+    async def request(self, method: str, *parts: str, body: Any = None) -> tuple[int, Any]:
+        """A JSON REST call: its status and its decoded answer, whatever the status."""
         request = HTTPRequest(
             self.url + "api/" + "/".join(parts),
             method=method,
@@ -276,8 +276,13 @@ class ServerProcess:
         )
         response = await AsyncHTTPClient().fetch(request, raise_error=False)
         text = response.body.decode() if response.body else ""
-        assert response.code == expect, f"{method} {parts}: {response.code} {text}"
-        return json.loads(text) if text else None
+        return response.code, json.loads(text) if text else None
+
+    async def api(self, method: str, *parts: str, body: Any = None, expect: int = 200) -> Any:
+        """A JSON REST call, like the ``api`` fixture's."""
+        status, answer = await self.request(method, *parts, body=body)
+        assert status == expect, f"{method} {parts}: {status} {answer}"
+        return answer
 
     async def open_channel(self, kernel_id: str) -> KernelChannel:
         ws = await websocket_connect(
