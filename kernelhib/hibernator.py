@@ -692,8 +692,11 @@ class KernelHibernator(LoggingConfigurable):
         task.add_done_callback(self._background.discard)
 
     async def _until_responsive(self, km: KernelManager) -> None:
-        """Wait until the kernel answers kernel_info on its shell channel.
+        """Wait until the kernel answers on its shell channel.
 
+        It is asked for comm_info, which changes nothing in the kernel, not
+        kernel_info: IPython builds kernel_info's banner with ``random.choice``
+        on the global generator, so a wake would move the user's random state.
         jupyter_client's ``wait_for_ready`` would also drain IOPub for 0.2 s,
         which every wake would pay for.
         """
@@ -704,7 +707,7 @@ class KernelHibernator(LoggingConfigurable):
         deadline = time.monotonic() + self.wake_timeout
         async with _client(km) as client:
             while time.monotonic() < deadline:
-                msg_id = client.kernel_info()
+                msg_id = client.comm_info()
                 with contextlib.suppress(queue.Empty):
                     while True:
                         reply = await client.get_shell_msg(timeout=1)

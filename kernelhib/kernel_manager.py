@@ -36,6 +36,16 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
     def _default_hibernator(self) -> KernelHibernator:
         return KernelHibernator(kernel_manager=self, parent=self)
 
+    def __len__(self) -> int:
+        """The kernels that have a process: what keeps the server busy.
+
+        jupyter_server's ``shutdown_no_activity_timeout`` stops a server only
+        while this is 0. Hibernated kernels live on disk and are adopted by the
+        next server, so a server whose kernels all hibernated may stop; on a
+        hub, that returns the whole single-user server's memory.
+        """
+        return sum(not self.hibernator.is_hibernated(k) for k in self.list_kernel_ids())
+
     def kernel_model(self, kernel_id: str) -> dict[str, Any]:
         model = super().kernel_model(kernel_id)
         hibernation = self.hibernator.model(kernel_id)

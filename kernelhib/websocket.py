@@ -92,11 +92,14 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
         return True
 
     async def _iopub_live(self, interval: float = 0.02, patience: float = 10) -> None:
-        """Ask for kernel_info every ``interval`` s until a message reaches this
+        """Ask the kernel something every ``interval`` s until a message reaches this
         connection's IOPub: what nudge() waits for, but nudge asks only every 0.5 s.
 
-        The messages this draws out are swallowed, as nudge does. A busy kernel
-        (a cell frozen by a forced hibernation runs on) is not asked, as by nudge.
+        It asks for comm_info, not kernel_info as nudge does: IPython's kernel_info
+        calls ``random.choice`` on the global generator, and a wake must change
+        nothing that the user's code can see. The messages this draws out are
+        swallowed, as nudge does. A busy kernel (a cell frozen by a forced
+        hibernation runs on) is not asked, as by nudge.
         """
         iopub = self.channels.get("iopub")
         if iopub is None or getattr(self.kernel_manager, "execution_state", "") == "busy":
@@ -114,7 +117,7 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
             deadline = loop.time() + patience
             while not arrived.done() and loop.time() < deadline:
                 for stream in asking:
-                    self.session.send(stream, "kernel_info_request")
+                    self.session.send(stream, "comm_info_request", {})
                 await asyncio.wait([arrived], timeout=interval)
         finally:
             iopub.stop_on_recv()
@@ -128,9 +131,10 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
                 await asyncio.sleep(0.05)
             await self.hibernator.wake(self.kernel_id)
             if self.channels:
+                # The proof nudge() would give, without its kernel_info requests.
                 await self._iopub_live()
-                await self.nudge()
-                # nudge() takes over the IOPub stream's callback; give it back.
+                self._epoch = self.hibernator.epoch(self.kernel_id)
+                # _iopub_live() took over the IOPub stream's callback; give it back.
                 for stream in self.channels.values():
                     stream.on_recv_stream(self.handle_outgoing_message)
         except Exception as exc:

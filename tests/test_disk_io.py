@@ -84,7 +84,8 @@ def test_appended_files_are_hashed_as_they_grow(tmp_path: Path) -> None:
 
     assert list(partials) == [pages], "only appended files are hashed on the way"
     partial = partials[pages]
-    assert 4 * step <= partial.length < len(data)
+    # On a loaded machine the write-behind may have caught up with the whole file.
+    assert 4 * step <= partial.length <= len(data)
     assert digest(pages, partial=partial) == blake3(data).hexdigest()
 
 

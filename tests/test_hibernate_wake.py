@@ -268,3 +268,29 @@ async def test_kernels_sharing_a_directory_hibernate_at_once(
     for index, (_, channel) in enumerate(kernels):
         result = await channel.execute("index, here")
         assert result["result"] == repr((index, str(jp_root_dir)))
+
+
+SEEDED = (
+    "import random, numpy as np\n"
+    "random.seed(1234); np.random.seed(1234)\n"
+    "before = (random.getstate(), np.random.get_state())\n"
+)
+SAME_RANDOM_STATE = (
+    "after = (random.getstate(), np.random.get_state())\n"
+    "before[0] == after[0] and all(\n"
+    "    np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b\n"
+    "    for a, b in zip(before[1], after[1])\n"
+    ")"
+)
+
+
+async def test_a_wake_changes_no_random_state(start_kernel: Any, api: Any) -> None:
+    """A seeded experiment goes on as if there had been no hibernation: the wake asks the
+    kernel nothing that draws from its random generators (IPython's kernel_info does)."""
+    kernel_id, channel = await start_kernel()
+    assert (await channel.execute(SEEDED))["status"] == "ok"
+    assert (await channel.execute(SAME_RANDOM_STATE))["result"] == "True"
+
+    await api("POST", "kernels", kernel_id, "hibernate", body={"engine": "criu"})
+    # The connected client's next cell wakes the kernel.
+    assert (await channel.execute(SAME_RANDOM_STATE))["result"] == "True"

@@ -144,3 +144,26 @@ async def failures(events: Any, seconds: float) -> int:
             break
         count += event.get("action") == "hibernate-failed"
     return count
+
+
+@pytest.mark.parametrize("server_config", [{"ServerApp": {"shutdown_no_activity_timeout": 1}}])
+async def test_server_whose_kernels_all_hibernated_may_stop_for_inactivity(
+    start_kernel: Any, api: Any, jp_serverapp: Any, monkeypatch: Any
+) -> None:
+    """shutdown_no_activity_timeout counts running kernels only: hibernated ones are
+    adopted by the next server (tests/test_server_restart.py)."""
+    stops: list[bool] = []
+    # A spy: the test server's own event loop must keep running.
+    monkeypatch.setattr(jp_serverapp, "stop", lambda *args, **kwargs: stops.append(True))
+    first, _ = await start_kernel()
+    second, _ = await start_kernel()
+    await api("POST", "kernels", first, "hibernate")
+    await asyncio.sleep(1.5)
+
+    jp_serverapp.shutdown_no_activity()
+    assert stops == [], "a running kernel keeps the server up"
+
+    await api("POST", "kernels", second, "hibernate")
+    await asyncio.sleep(1.5)
+    jp_serverapp.shutdown_no_activity()
+    assert stops == [True]
