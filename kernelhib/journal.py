@@ -71,7 +71,7 @@ class Journal:
     """The entries under one image store; blocking, call from a thread."""
 
     def __init__(self, directory: Path, sign: Callable[[dict[str, Any]], str]) -> None:
-        self.directory = private_dir(directory)
+        self.directory = directory  # made on the first write: a store may never need one
         self._sign = sign
 
     def _path(self, kernel_id: str) -> Path:
@@ -83,6 +83,7 @@ class Journal:
             raise ValueError(f"unknown journal state {entry.state!r}")
         body = asdict(entry)
         body["signature"] = self._sign(body)
+        private_dir(self.directory)
         path = self._path(entry.kernel_id)
         written = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         fd = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -24,13 +24,14 @@ def main(argv: list[str]) -> int:
     sys.stdin.buffer.read()  # returns once every writer is gone: the server has exited
     started_before = boot_ticks()
     store = ImageStore(root)
-    logging.basicConfig(
-        filename=store.journal.directory / LOG_FILE,
-        level=logging.INFO,
-        format=f"%(asctime)s watchdog of server {owner}: %(message)s",
-    )
     mine = [entry for entry in store.journal.entries() if entry.server == owner]
-    recover(store.journal, store.has_image, mine, started_before)
+    if mine:  # then the journal's directory exists
+        logging.basicConfig(
+            filename=store.journal.directory / LOG_FILE,
+            level=logging.INFO,
+            format=f"%(asctime)s watchdog of server {owner}: %(message)s",
+        )
+        recover(store.journal, store.has_image, mine, started_before)
     return 0
 
 

@@ -71,12 +71,13 @@ def jp_server_config(
     criu_path: str, hibernator_config: dict[str, Any], server_config: dict[str, Any]
 ) -> dict[str, Any]:
     return {
-        "ServerApp": {"jpserver_extensions": {"kernelhib": True}},
+        **server_config,
+        "ServerApp": {"jpserver_extensions": {"kernelhib": True}}
+        | server_config.get("ServerApp", {}),
         # The test server's teardown stops extensions: hibernating every kernel
         # there would only slow the tests down (test_server_restart covers it).
         "KernelHibernator": {"criu_path": criu_path, "hibernate_on_stop": False}
         | hibernator_config,
-        **server_config,
     }
 
 

@@ -79,6 +79,15 @@ async def settled(kernel_id: str) -> list[int]:
     return pids
 
 
+async def until_idle(server: ServerProcess, kernel_id: str) -> None:
+    """The server has seen the kernel go idle after a cell (its reply may come first)."""
+    for _ in range(200):
+        if (await server.api("GET", "kernels", kernel_id))["execution_state"] == "idle":
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"kernel {kernel_id} never became idle")
+
+
 HIBERNATION_STEPS = {
     # step -> what the kernel is afterwards
     "dump": "running",
@@ -141,6 +150,7 @@ async def test_server_killed_at_each_step_loses_no_kernel(
     result = await channel.execute(CHECK)
     assert result["status"] == "ok", result
     assert result["result"] == expected
+    await until_idle(second, kernel_id)
     # Hibernating it again works, and then nothing is left of it anywhere.
     await second.api("POST", "kernels", kernel_id, "hibernate", body={"engine": "criu"})
     assert (await channel.execute("n"))["result"] == "42"

@@ -413,5 +413,10 @@ async def test_kernel_state_survives_the_culler_stopping_the_server(hub: Hub) ->
         reply = await channel.execute("print(state)", timeout=90)
         assert reply["status"] == "ok", reply
         assert reply["stdout"] == expected[name]
+        # The reply can reach us before the server has seen the kernel's status: idle.
+        for _ in range(100):
+            if await state(name) == "idle":
+                break
+            await asyncio.sleep(0.05)
         assert await state(name) == "idle"
         channel.ws.close()

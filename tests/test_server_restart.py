@@ -132,3 +132,31 @@ async def test_second_server_on_the_same_image_dir_adopts_nothing(launch_server:
     assert await second.api("GET", "sessions") == []
     assert (second.image_dir / kernel_id / "manifest.json").is_file()
     assert await listed(first) == {kernel_id: "hibernated"}
+
+
+async def test_kernels_raced_by_two_hibernations_all_hibernate_at_stop_in_time(
+    launch_server: Any,
+) -> None:
+    """Two hibernation requests at once used to leave a ghost kernel, which the stop then
+    spent its whole stop_timeout on while the kernels queued after it were shut down."""
+    first = await launch_server("--KernelHibernator.stop_timeout=60")
+    raced = await start_session(first, "raced.ipynb")
+    queued = await start_session(first, "queued.ipynb")
+    raced_channel = await first.open_channel(raced)
+    await raced_channel.execute("n = 1")
+    await (await first.open_channel(queued)).execute("n = 2")
+    answers = await asyncio.gather(
+        *(first.request("POST", "kernels", raced, "hibernate") for _ in range(2))
+    )
+    assert sorted(status for status, _ in answers) == [200, 409]
+    assert (await raced_channel.execute("n += 10; n"))["result"] == "11"
+
+    loop = asyncio.get_running_loop()
+    stopping = loop.time()
+    assert await first.stop() == 0
+    assert loop.time() - stopping < 30
+
+    second = await launch_server()
+    assert await listed(second) == {raced: "hibernated", queued: "hibernated"}
+    for kernel_id, value in ((raced, "11"), (queued, "2")):
+        assert (await (await second.open_channel(kernel_id)).execute("n"))["result"] == value
