@@ -26,10 +26,10 @@ from jupyter_client.manager import KernelManager
 from jupyter_client.provisioning import KernelProvisionerBase
 from jupyter_events import EventLogger
 from traitlets import Any as AnyTrait
-from traitlets import Bool, CaselessStrEnum, Float, Instance, Unicode, default
+from traitlets import Bool, CaselessStrEnum, Float, Instance, Int, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from . import journal
+from . import journal, metrics
 from .engines.base import ENGINE_CHOICES, Engine, EngineError
 from .engines.criu import CriuEngine
 from .engines.dill import DillEngine
@@ -41,7 +41,7 @@ from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 from .recovery import boot_ticks, recover
 
-EVENT_SCHEMA_ID = "https://events.jupyter.org/kernelhib/hibernation/v1"
+EVENT_SCHEMA_ID = "https://kernelhib.org/events/hibernation/v1"
 EVENT_SCHEMA = Path(__file__).parent / "events" / "hibernation.yaml"
 # Inside a CRIU image: the optional dill snapshot woken from if the restore fails.
 DILL_SNAPSHOT = "dill"
@@ -63,6 +63,8 @@ class Reason(str, Enum):
     NO_ENGINE = "no-engine"
     HIBERNATE_FAILED = "hibernate-failed"
     WAKE_FAILED = "wake-failed"
+    NO_SPACE = "no-space"  # the image store's filesystem has no room for the image
+    STORE_FULL = "store-full"  # the image would take the store past max_image_bytes
     # Another operation on the kernel is in flight (the values of Operation).
     HIBERNATING = "hibernating"
     WAKING = "waking"
@@ -102,6 +104,17 @@ class NoEngine(HibernationError):
 
     status = 503
     reason = Reason.NO_ENGINE
+
+
+class NoRoom(HibernationError):
+    """The kernel's image would not fit in the image store: the kernel runs on untouched.
+
+    507 Insufficient Storage: nothing is wrong with the request or the kernel,
+    the server cannot store what the request needs.
+    """
+
+    status = 507
+    reason = Reason.NO_SPACE
 
 
 class Operation(str, Enum):
@@ -258,6 +271,22 @@ class KernelHibernator(LoggingConfigurable):
         help="Seconds a kernel has to save or load its dill snapshot.",
     )
 
+    max_image_bytes = Int(
+        0,
+        config=True,
+        help="The most bytes the images in image_dir may take together (0: no limit). A "
+        "hibernation whose image would go past it is refused (reason 'store-full'), and "
+        "the kernel runs on.",
+    )
+
+    free_space_reserve = Int(
+        256 << 20,
+        config=True,
+        help="Bytes a hibernation must leave free on image_dir's filesystem, beyond its "
+        "image's estimated size and 10%: one that would not is refused (reason "
+        "'no-space'), and the kernel runs on.",
+    )
+
     kernel_manager = AnyTrait(help="The MappingKernelManager whose kernels this hibernates.")
     event_logger = Instance(EventLogger, allow_none=True)
 
@@ -273,6 +302,9 @@ class KernelHibernator(LoggingConfigurable):
         self._operations: dict[str, tuple[Operation, asyncio.Future[None]]] = {}
         self.server_id = server_id()
         self._watchdog: subprocess.Popen[bytes] | None = None
+        # Kernel id -> the estimated size of its image being written: room already taken.
+        self._reserved: dict[str, int] = {}
+        metrics.watch(self.kept)
 
     @property
     def store(self) -> ImageStore:
@@ -289,6 +321,19 @@ class KernelHibernator(LoggingConfigurable):
         if record is None or (record.state == "running" and not record.error):
             return None
         return record.model()
+
+    def kept(self) -> list[Hibernation]:
+        """The kernels whose images are in the store: hibernated, or being woken."""
+        return [r for r in self._records.values() if r.state in ("hibernated", "waking")]
+
+    def count_running(self) -> None:
+        """Set jupyter_server's running-kernel gauge: the kernels that have a process."""
+        mkm = self.kernel_manager
+        metrics.set_running(
+            mkm.get_kernel(k).kernel_name
+            for k in mkm.list_kernel_ids()
+            if not self.is_hibernated(k)
+        )
 
     def is_hibernated(self, kernel_id: str) -> bool:
         """True while the kernel has no process: hibernated, or being woken."""
@@ -395,7 +440,10 @@ class KernelHibernator(LoggingConfigurable):
         """Write the kernel's image and end its process; return the hibernation model."""
         self._kernel(kernel_id)
         async with self.operation(kernel_id, Operation.HIBERNATE):
-            return await self._hibernate(kernel_id, engine, force)
+            try:
+                return await self._hibernate(kernel_id, engine, force)
+            finally:
+                self._reserved.pop(kernel_id, None)
 
     async def _hibernate(self, kernel_id: str, engine: str, force: bool) -> dict[str, Any]:
         km = self._kernel(kernel_id)
@@ -423,6 +471,12 @@ class KernelHibernator(LoggingConfigurable):
                 f"save a kernel between cells ({fallback or 'dill was requested'})",
                 Reason.BUSY_NEEDS_CRIU,
             )
+        try:
+            self._reserved[kernel_id] = await self._room_for(km, chosen)
+        except NoRoom as exc:
+            record.error = str(exc)
+            self._ended(Operation.HIBERNATE, kernel_id, record, chosen.name, None, exc)
+            raise
 
         record.state, record.error = "hibernating", ""
         self._emit("hibernate-started", kernel_id, record)
@@ -458,13 +512,15 @@ class KernelHibernator(LoggingConfigurable):
             record.state = "running"
             record.error = f"hibernation failed, the kernel runs on: {exc}"
             await self._journal(km, journal.RUNNING)
-            self._emit("hibernate-failed", kernel_id, record)
-            raise HibernationError(record.error) from exc
+            error = HibernationError(record.error)
+            self._ended(Operation.HIBERNATE, kernel_id, record, chosen.name, started, error)
+            raise error from exc
 
         await asyncio.to_thread(self.store.journal.remove, kernel_id)  # no process left
         record.settle(image)
         record.seconds = time.monotonic() - started
         km.execution_state = "hibernated"
+        self.count_running()
         freed = f"{record.freed_bytes >> 20} MB"
         if record.gpu_freed_bytes:
             freed += f" (and {record.gpu_freed_bytes >> 20} MB of GPU memory)"
@@ -472,8 +528,52 @@ class KernelHibernator(LoggingConfigurable):
             "Hibernated kernel %s with %s: %d MB image, %s freed, %.1f s",
             kernel_id, chosen.name, image.bytes >> 20, freed, record.seconds,
         )  # fmt: skip
-        self._emit("hibernate", kernel_id, record)
+        self._ended(Operation.HIBERNATE, kernel_id, record, chosen.name, started)
         return record.model()
+
+    async def _room_for(self, km: KernelManager, engine: Engine) -> int:
+        """The estimated size of the kernel's image, once sure that it fits in the store.
+
+        NoRoom says why not, before anything is done to the kernel: a dump
+        that fills the disk would fail late, after freezing the kernel for as
+        long as it wrote, and leave other servers' files short of space.
+        """
+        pid = km.provisioner.pid if km.provisioner else 0
+        needed = await asyncio.to_thread(self._image_estimate, pid, engine) if pid else 0
+        taken = sum(r.image_bytes for r in self.kept()) + sum(self._reserved.values())
+        if self.max_image_bytes and taken + needed > self.max_image_bytes:
+            raise NoRoom(
+                f"the image store is full: images take {_mb(taken)} of its "
+                f"{_mb(self.max_image_bytes)} (KernelHibernator.max_image_bytes), and this "
+                f"kernel's image needs about {_mb(needed)}; shut down hibernated kernels that "
+                "are no longer needed, or raise max_image_bytes. The kernel runs on.",
+                Reason.STORE_FULL,
+            )
+        free = await asyncio.to_thread(self.store.free_bytes)
+        # Images being written have yet to take their room.
+        free -= sum(self._reserved.values())
+        if free < needed + needed // 10 + self.free_space_reserve:
+            raise NoRoom(
+                f"not enough free space for the kernel's image: it needs about {_mb(needed)} "
+                f"(and {_mb(self.free_space_reserve)} left free), and {self.store.root} has "
+                f"{_mb(max(free, 0))} free; free space there, or set KernelHibernator.image_dir "
+                "to a larger filesystem. The kernel runs on.",
+                Reason.NO_SPACE,
+            )
+        return needed
+
+    def _image_estimate(self, pid: int, engine: Engine) -> int:
+        """About how large the kernel's image will be.
+
+        CRIU writes the kernel's private memory, and a kept dill snapshot comes
+        on top. dill pickles the kernel's variables: its private memory bounds
+        them (the interpreter's own is not saved), plus the GPU memory it
+        copies out.
+        """
+        memory = tree_memory(pid)
+        if engine is self._dill:
+            return memory + gpu_memory(pid)
+        return memory * 2 if self.keep_dill_snapshot else memory
 
     async def _write_image(self, km: KernelManager, engine: Engine, fallback: str) -> Image:
         """Save the kernel into a committed image. CRIU leaves the kernel stopped, dill running.
@@ -620,8 +720,9 @@ class KernelHibernator(LoggingConfigurable):
             record.error = f"wake failed, the image is kept: {exc}"
             # A dill wake's fresh kernel may have reported itself idle before it was ended.
             km.execution_state, km.reason = "hibernated", record.error
-            self._emit("wake-failed", kernel_id, record)
-            raise HibernationError(record.error, Reason.WAKE_FAILED) from exc
+            error = HibernationError(record.error, Reason.WAKE_FAILED)
+            self._ended(Operation.WAKE, kernel_id, record, record.engine, started, error)
+            raise error from exc
         finally:
             record.waking = None
 
@@ -638,7 +739,8 @@ class KernelHibernator(LoggingConfigurable):
         record.seconds = time.monotonic() - started
         self.log.info("Woke kernel %s in %.1f s", kernel_id, record.seconds)
         record.state, record.error = "running", ""
-        self._emit("wake", kernel_id, record)
+        self.count_running()
+        self._ended(Operation.WAKE, kernel_id, record, record.engine, started)
         # Running again: a new record, so that nothing of this image shows any more.
         self._records[kernel_id] = Hibernation(epoch=record.epoch + 1)
         # The image holds every secret the kernel had: gone now, but without
@@ -781,6 +883,8 @@ class KernelHibernator(LoggingConfigurable):
                 continue
             self.record(kernel_id).settle(image)
             self.log.info("Adopted hibernated kernel %s from %s", kernel_id, image.path)
+        # Adopted kernels were not started here: jupyter_server never counted them.
+        self.count_running()
 
     def _recover(self) -> None:
         """Settle what servers that died left in the journal; adopt the kernels they kept.
@@ -825,11 +929,46 @@ class KernelHibernator(LoggingConfigurable):
         km.execution_state = "starting"
         await asyncio.to_thread(self.store.discard, kernel_id)
 
-    def _emit(self, action: str, kernel_id: str, record: Hibernation) -> None:
+    def _ended(
+        self,
+        operation: Operation,
+        kernel_id: str,
+        record: Hibernation,
+        engine: str,
+        started: float | None,
+        error: HibernationError | None = None,
+    ) -> None:
+        """Report the end of a hibernation or a wake: its event, and on /metrics its
+        duration and outcome. ``started`` is None for one refused before it began."""
+        name = "hibernate" if operation is Operation.HIBERNATE else "wake"
+        reason = error.reason if error is not None else None
+        if started is not None:
+            seconds = time.monotonic() - started
+            metrics.finished(name, engine, seconds, reason.value if reason else "")
+        elif reason is not None:
+            metrics.failed(name, reason.value)
+        self._emit(f"{name}-failed" if error else name, kernel_id, record, reason)
+
+    def _emit(
+        self, action: str, kernel_id: str, record: Hibernation, reason: Reason | None = None
+    ) -> None:
+        """Tell front ends what happened, on jupyter_server's event bus; ``reason``
+        is the code of a failure, as in the REST answer."""
         if self.event_logger is None:
             return
-        data = {"action": action, "kernel_id": kernel_id, **record.model()}
+        data = {
+            "action": action,
+            "kernel_id": kernel_id,
+            "status": "error" if reason else "success",
+            **record.model(),
+        }
+        if reason is not None:
+            data["reason"] = reason.value
         self.event_logger.emit(schema_id=EVENT_SCHEMA_ID, data=data)
+
+
+def _mb(size: int) -> str:
+    return f"{size / (1 << 20):.0f} MB"
 
 
 def _why_not(engine: Engine) -> str:

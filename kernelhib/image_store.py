@@ -162,6 +162,11 @@ class ImageStore:
         """Whether a committed image of the kernel is here (whether or not it verifies)."""
         return (self.path(kernel_id) / MANIFEST).is_file()
 
+    def free_bytes(self) -> int:
+        """Bytes that this server may still write on the store's filesystem."""
+        info = os.statvfs(self.root)
+        return info.f_bavail * info.f_frsize
+
     def kernel_ids(self) -> list[str]:
         """The kernels that have a committed image here."""
         return sorted(

@@ -71,7 +71,9 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
             status = await self._status_at_start(kernel_id, kwargs.get("kernel_name"))
             kwargs["env"] = {**(kwargs.get("env") or os.environ), STATUS_ENV: json.dumps(status)}
             await self.hibernator.journal_start(kernel_id)
-        return await super()._async_start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+        kernel_id = await super()._async_start_kernel(kernel_id=kernel_id, path=path, **kwargs)
+        self.hibernator.count_running()
+        return kernel_id
 
     async def _status_at_start(self, kernel_id: str, kernel_name: str | None) -> dict[str, str]:
         """What ``%hibernate --status`` prints in the kernel: the engine, and why.
@@ -133,6 +135,7 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
                 # reach subscribers that connect now, not the ones of the image's days.
                 self.get_kernel(kernel_id).execution_state = "idle"
                 self.rewatch(kernel_id)
+                self.hibernator.count_running()
 
     async def interrupt_kernel(self, kernel_id: str) -> None:  # type:ignore[override]
         """Interrupt the running cell; a hibernated kernel runs nothing to interrupt.
@@ -160,7 +163,11 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
     def remove_kernel(self, kernel_id: str) -> Any:
         """Unregister a kernel (shut down, died, or released): its process is gone."""
         self.hibernator.journal_end(kernel_id)
-        return super().remove_kernel(kernel_id)
+        km = super().remove_kernel(kernel_id)
+        # jupyter_server counted it down at its shutdown even if it was hibernated,
+        # and never when it died: counted again from the kernels there are.
+        self.hibernator.count_running()
+        return km
 
     def release(self, kernel_id: str) -> None:
         """Unregister a hibernated kernel without touching its image or files."""

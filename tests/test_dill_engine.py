@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kernelhib import provisioner
+from kernelhib.hibernator import EVENT_SCHEMA_ID
 from kernelhib.recovery import kernel_processes
 
 from .conftest import TRACE_A_CHILD, image_path, summarize, wait_for_state
@@ -240,7 +241,7 @@ async def test_a_failed_criu_restore_wakes_from_the_kept_dill_snapshot(
 
     events: list[dict[str, Any]] = []
     jp_serverapp.event_logger.add_listener(
-        schema_id="https://events.jupyter.org/kernelhib/hibernation/v1",
+        schema_id=EVENT_SCHEMA_ID,
         listener=lambda logger, schema_id, data: _append(events, data),
     )
     await api("POST", "kernels", kernel_id, "wake")

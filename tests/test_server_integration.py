@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kernelhib.engines import criu
+from kernelhib.hibernator import EVENT_SCHEMA_ID
 
 from .conftest import image_path
 
@@ -85,15 +86,15 @@ async def test_hibernation_and_wake_are_emitted_on_the_event_bus(
         seen = []
         while len(seen) < 4:
             event = json.loads(await asyncio.wait_for(events.read_message(), 10))
-            if event.get("schema_id", "").endswith("kernelhib/hibernation/v1"):
+            if event.get("schema_id") == EVENT_SCHEMA_ID:
                 seen.append(event)
     finally:
         events.close()
-    assert [(e["action"], e["state"], e["kernel_id"]) for e in seen] == [
-        ("hibernate-started", "hibernating", kernel_id),
-        ("hibernate", "hibernated", kernel_id),
-        ("wake-started", "waking", kernel_id),
-        ("wake", "running", kernel_id),
+    assert [(e["action"], e["state"], e["kernel_id"], e["status"]) for e in seen] == [
+        ("hibernate-started", "hibernating", kernel_id, "success"),
+        ("hibernate", "hibernated", kernel_id, "success"),
+        ("wake-started", "waking", kernel_id, "success"),
+        ("wake", "running", kernel_id, "success"),
     ]
     assert seen[1]["image_bytes"] > 0 and seen[1]["engine"] == "criu"
 

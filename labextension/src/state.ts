@@ -7,7 +7,13 @@
  */
 
 /** kernelhib's event schema (kernelhib/events/hibernation.yaml). */
-export const HIBERNATION_SCHEMA =
+export const HIBERNATION_SCHEMA = 'https://kernelhib.org/events/hibernation/v1';
+
+/**
+ * The id kernelhib 0.1 servers emit the same events under (in Jupyter's own
+ * namespace): still read, for one release, so that this extension works with them.
+ */
+export const HIBERNATION_SCHEMA_0_1 =
   'https://events.jupyter.org/kernelhib/hibernation/v1';
 
 /** jupyter_server's kernel lifecycle events (start, interrupt, shutdown, restart). */
@@ -74,6 +80,10 @@ export interface IKernelModel {
 export interface IHibernationEvent extends IHibernationModel {
   action: string;
   kernel_id: string;
+  /** `error` on the -failed actions; absent from kernelhib 0.1 servers. */
+  status?: 'success' | 'error';
+  /** The failure's code, as the `reason` of the REST answer (`no-space`...). */
+  reason?: string;
 }
 
 /** What the UI knows about one kernel. */
@@ -171,7 +181,8 @@ export function parseHibernationEvent(emission: {
 }): IHibernationEvent | null {
   const { schema_id, action, kernel_id, state } = emission;
   if (
-    schema_id !== HIBERNATION_SCHEMA ||
+    (schema_id !== HIBERNATION_SCHEMA &&
+      schema_id !== HIBERNATION_SCHEMA_0_1) ||
     typeof action !== 'string' ||
     typeof kernel_id !== 'string' ||
     typeof state !== 'string' ||
@@ -541,8 +552,20 @@ export interface IRefusal extends INotice {
 }
 
 /**
+ * The failures the server reports on its event stream too (hibernate-failed
+ * and wake-failed events), by the `reason` of the refused request.
+ */
+const REPORTED_BY_EVENTS: readonly string[] = [
+  'hibernate-failed',
+  'wake-failed',
+  'no-space',
+  'store-full'
+];
+
+/**
  * The notification for a refused request, or null where the server's event
- * stream reports the failure itself (500: hibernate-failed, wake-failed).
+ * stream reports the failure itself (500, or a reason of `REPORTED_BY_EVENTS`):
+ * one notification per failure.
  * What to offer follows the server's `reason` code, never its wording: only
  * `busy` can be forced (`busy-needs-criu` is refused with force too).
  */
@@ -553,7 +576,7 @@ export function refusalNotice(
   reason: string,
   message: string
 ): IRefusal | null {
-  if (status === 500) {
+  if (status === 500 || REPORTED_BY_EVENTS.includes(reason)) {
     return null;
   }
   if (action === 'hibernate' && reason === 'busy') {

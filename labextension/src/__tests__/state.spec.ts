@@ -9,6 +9,7 @@ import {
   formatTime,
   hibernatedSummary,
   HIBERNATION_SCHEMA,
+  HIBERNATION_SCHEMA_0_1,
   hibernationNotes,
   isIdle,
   kernelLabel,
@@ -137,6 +138,23 @@ describe('parseHibernationEvent', () => {
       seconds: 0.4
     };
     expect(parseHibernationEvent(emission)).toBe(emission);
+  });
+
+  it("reads events in kernelhib 0.1's schema id, and the new one", () => {
+    const base = { action: 'wake', kernel_id: ID, state: 'running' };
+    expect(HIBERNATION_SCHEMA).toBe(
+      'https://kernelhib.org/events/hibernation/v1'
+    );
+    const old = { schema_id: HIBERNATION_SCHEMA_0_1, ...base };
+    expect(parseHibernationEvent(old)).toBe(old);
+    const failed = {
+      schema_id: HIBERNATION_SCHEMA,
+      ...base,
+      action: 'hibernate-failed',
+      status: 'error',
+      reason: 'no-space'
+    };
+    expect(parseHibernationEvent(failed)?.reason).toBe('no-space');
   });
 
   it('ignores other schemas and malformed events', () => {
@@ -828,6 +846,14 @@ describe('refusalNotice', () => {
       refusalNotice('wake', kernel, 0, '', 'the server could not be reached')
         ?.type
     ).toBe('error');
+  });
+
+  it('leaves hibernations refused for want of storage to their events', () => {
+    for (const reason of ['no-space', 'store-full']) {
+      expect(
+        refusalNotice('hibernate', kernel, 507, reason, 'not enough free space')
+      ).toBeNull();
+    }
   });
 
   it('leaves failed hibernations and wakes to their events', () => {
