@@ -363,7 +363,8 @@ def _waiting(
 
     Hibernating or waking gigabytes takes a while: a spinner line on stderr
     says how long so far and the kernel's state, as ``GET /api/kernels/{id}``
-    gives it. Nothing is shown with ``--json`` or when stderr is not a terminal.
+    gives it, from POLL_S on. Nothing is shown with ``--json`` or when stderr
+    is not a terminal.
     """
     if args.json or not sys.stderr.isatty():
         return request()
@@ -378,7 +379,7 @@ def _waiting(
     # A daemon: Ctrl-C ends the command without waiting for the server's answer.
     threading.Thread(target=run, daemon=True).start()
     started = time.monotonic()
-    state, polled, frame = "", started, 0  # the kernel's state, once asked
+    state, polled, frame = "", started, 0  # the kernel's state, once asked; frames drawn
     try:
         while True:
             try:
@@ -390,6 +391,8 @@ def _waiting(
                     raise answer
                 return answer
             now = time.monotonic()
+            if now - polled < POLL_S and not frame:
+                continue  # done within POLL_S: nothing shown
             if now - polled >= POLL_S:
                 polled = now
                 with contextlib.suppress(server_client.ServerError):
@@ -401,8 +404,9 @@ def _waiting(
             )
             sys.stderr.flush()
     finally:
-        sys.stderr.write("\r\x1b[K")
-        sys.stderr.flush()
+        if frame:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def human_bytes(count: float | None) -> str:

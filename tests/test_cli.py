@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -353,21 +354,40 @@ async def test_busy_kernels_exit_3_with_a_force_hint_and_all_idle_hibernates_onl
     assert "not both" in usage.stderr
 
 
-# Hibernations and wakes take SLOW_S longer than they would, as for a kernel of many GiB.
-SLOW_S = 6
-SLOW_CONFIG = f"""\
+# Hibernations and wakes wait at a step while the file HOLD names exists, as if the kernel had
+# many GiB: the test sees them in flight for as long as it needs.
+HOLD_CONFIG = """\
+import os
 import time
 from kernelhib.image_store import ImageStore
 
-def slowly(method):
-    def slow(*args, **kwargs):
-        time.sleep({SLOW_S})
-        return method(*args, **kwargs)
-    return slow
+HOLD = {hold!r}
 
-ImageStore.commit = slowly(ImageStore.commit)
-ImageStore.read = slowly(ImageStore.read)
+def held(method):
+    def wait_then_call(*args, **kwargs):
+        deadline = time.monotonic() + 120
+        while os.path.exists(HOLD) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return method(*args, **kwargs)
+    return wait_then_call
+
+ImageStore.commit = held(ImageStore.commit)
+ImageStore.read = held(ImageStore.read)
 """
+
+
+@contextlib.asynccontextmanager
+async def held(hold: Path) -> AsyncIterator[None]:
+    """Hold the operations started within, and release them at the end, a second later at least.
+
+    The second lets the command on the terminal draw a line with the state it asked for.
+    """
+    hold.touch()
+    try:
+        yield
+        await asyncio.sleep(1)
+    finally:
+        hold.unlink()
 
 
 def on_a_terminal(*args: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], str]:
@@ -397,48 +417,53 @@ async def test_progress_on_a_terminal_and_true_states_during_long_operations(
 ):
     config = tmp_path / "jupyter" / "config"
     config.mkdir(parents=True)
-    (config / "jupyter_server_config.py").write_text(SLOW_CONFIG)
+    hold = tmp_path / "hold"
+    (config / "jupyter_server_config.py").write_text(HOLD_CONFIG.format(hold=str(hold)))
     server = await launch_server()
     first, second = [await start_idle(server) for _ in range(2)]
     env = runtime_of(server)
 
-    hibernating = asyncio.create_task(asyncio.to_thread(on_a_terminal, "hibernate", first, env=env))
-    await wait_for_hibernation_state(server, first, "hibernating")
-    listed = await asyncio.to_thread(kernelhib_json, "list", env=env)
-    assert [(kernel["id"], kernel["state"]) for kernel in listed] == [
-        (first, "hibernating"),
-        (second, "idle"),
-    ]
-    # Another operation is in flight: try again later.
-    in_flight = await asyncio.to_thread(kernelhib, "hibernate", first, env=env)
-    assert in_flight.returncode == 4
-    assert "--force" not in in_flight.stderr
-
+    async with held(hold):
+        hibernating = asyncio.create_task(
+            asyncio.to_thread(on_a_terminal, "hibernate", first, env=env)
+        )
+        await wait_for_hibernation_state(server, first, "hibernating")
+        listed = await asyncio.to_thread(kernelhib_json, "list", env=env)
+        assert [(kernel["id"], kernel["state"]) for kernel in listed] == [
+            (first, "hibernating"),
+            (second, "idle"),
+        ]
+        # Another operation is in flight: try again later.
+        in_flight = await asyncio.to_thread(kernelhib, "hibernate", first, env=env)
+        assert in_flight.returncode == 4
+        assert "--force" not in in_flight.stderr
     done, shown = await hibernating
     assert done.returncode == 0
     assert done.stdout.startswith(f"Hibernated kernel {first} with ")
     frames = shown.split("\r")
     # A spinner, the seconds so far and the kernel's state, asked of the server meanwhile.
     assert any(
-        re.match(rf"[|/\\-] hibernating kernel {first}: 2\.\d s, hibernating", frame)
+        re.match(rf"[|/\\-] hibernating kernel {first}: \d+\.\d s, hibernating", frame)
         for frame in frames
     ), shown
     assert shown.endswith("\r\x1b[K")  # the line is cleared once done
 
-    waking = asyncio.create_task(asyncio.to_thread(on_a_terminal, "wake", first, env=env))
-    await wait_for_hibernation_state(server, first, "waking")
-    listed = await asyncio.to_thread(kernelhib_json, "list", env=env)
-    assert {kernel["id"]: kernel["state"] for kernel in listed}[first] == "waking"
+    async with held(hold):
+        waking = asyncio.create_task(asyncio.to_thread(on_a_terminal, "wake", first, env=env))
+        await wait_for_hibernation_state(server, first, "waking")
+        listed = await asyncio.to_thread(kernelhib_json, "list", env=env)
+        assert {kernel["id"]: kernel["state"] for kernel in listed}[first] == "waking"
     done, shown = await waking
     assert done.stdout == f"Woke kernel {first}; it is idle\n"
-    assert re.search(rf"waking kernel {first}: \d\.\d s, waking", shown), shown
+    assert re.search(rf"waking kernel {first}: \d+\.\d s, waking", shown), shown
 
     # --all-idle lists both idle, in this order; the second is busy by its turn: skipped.
-    all_idle = asyncio.create_task(
-        asyncio.to_thread(on_a_terminal, "hibernate", "--all-idle", "--json", env=env)
-    )
-    await wait_for_hibernation_state(server, first, "hibernating")
-    await run_a_long_cell(server, second)
+    async with held(hold):
+        all_idle = asyncio.create_task(
+            asyncio.to_thread(on_a_terminal, "hibernate", "--all-idle", "--json", env=env)
+        )
+        await wait_for_hibernation_state(server, first, "hibernating")
+        await run_a_long_cell(server, second)
     done, shown = await all_idle
     assert (done.returncode, shown) == (0, "")  # --json: no progress
     outcomes = {outcome["id"]: outcome for outcome in json.loads(done.stdout)}
