@@ -8,9 +8,14 @@ turns failures into a message on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import queue
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +31,31 @@ from kernelhib.doctor import (
 )
 from kernelhib.engines.base import ENGINE_CHOICES
 from kernelhib.engines.criu_install import DEBIAN_SOURCES, CriuUnavailable, install_criu
+from kernelhib.hibernator import Operation, Reason
+
+
+class UsageError(ValueError):
+    """The arguments, though each valid, do not go together."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``kernelhib`` subcommand and return its exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except UsageError as exc:
+        parser.error(str(exc))
     except (CriuUnavailable, server_client.ServerError) as exc:
         print(f"kernelhib {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return FAILED
+    except KeyboardInterrupt:
+        print(
+            f"kernelhib {args.command}: interrupted; the server carries on with what it was "
+            "asked: `kernelhib list` shows how it ends",
+            file=sys.stderr,
+        )
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,15 +111,23 @@ def _parser() -> argparse.ArgumentParser:
 
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument(
-        "--url", help="the Jupyter server's URL (default: the first running server)"
+        "--url",
+        help="the Jupyter server's URL (default: in a JupyterHub server, that server; "
+        "else the first running server)",
     )
     server.add_argument("--token", help="its token (default: the running server's)")
+    server.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     listing = commands.add_parser("list", parents=[server], help="list the server's kernels")
     listing.set_defaults(run=_list)
 
-    hibernate = commands.add_parser("hibernate", parents=[server], help="hibernate a kernel")
-    hibernate.add_argument("kernel_id")
+    hibernate = commands.add_parser(
+        "hibernate", parents=[server], help="hibernate kernels (exit status 3: busy, --force)"
+    )
+    hibernate.add_argument("kernel_ids", nargs="*", metavar="KERNEL_ID")
+    hibernate.add_argument(
+        "--all-idle", action="store_true", help="hibernate every kernel that is idle now"
+    )
     hibernate.add_argument(
         "--force",
         action="store_true",
@@ -110,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     hibernate.set_defaults(run=_hibernate)
 
-    wake = commands.add_parser("wake", parents=[server], help="wake a hibernated kernel")
-    wake.add_argument("kernel_id")
+    wake = commands.add_parser("wake", parents=[server], help="wake hibernated kernels")
+    wake.add_argument("kernel_ids", nargs="+", metavar="KERNEL_ID")
     wake.set_defaults(run=_wake)
     return parser
 
@@ -139,37 +167,246 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    kernels = server_client.list_kernels(server_client.find_server(args.url, args.token))
-    rows = [_kernel_row(kernel) for kernel in kernels]
-    print(render_table(["ID", "NAME", "STATE", "IMAGE", "FREED"], rows))
+    server = server_client.find_server(args.url, args.token)
+    kernels = server_client.list_kernels(server)
+    paths = server_client.notebook_paths(server)
+    listed = [_listed(kernel, paths.get(kernel["id"], [])) for kernel in kernels]
+    if args.json:
+        print(json.dumps(listed, indent=2))
+        return 0
+    rows = [
+        [
+            kernel["id"],
+            kernel["name"],
+            kernel["state"],
+            human_bytes(kernel["memory_bytes"]) if kernel["memory_bytes"] is not None else "",
+            human_bytes(kernel["image_bytes"]) if kernel["image_bytes"] is not None else "",
+            ", ".join(kernel["paths"]),
+        ]
+        for kernel in listed
+    ]
+    print(render_table(["ID", "NAME", "STATE", "MEMORY", "IMAGE", "NOTEBOOK"], rows))
+    for kernel in listed:
+        if kernel["error"]:
+            # CRIU's errors run over several lines: they stay under their kernel.
+            print(f"Kernel {kernel['id']}: {kernel['error']}".replace("\n", "\n  "))
     return 0
 
 
-def _kernel_row(kernel: dict[str, Any]) -> list[str]:
-    hibernation = kernel.get("hibernation")
-    if not hibernation:
-        return [kernel["id"], kernel.get("name", ""), kernel.get("execution_state", ""), "", ""]
-    sizes = [human_bytes(hibernation.get(key)) for key in ("image_bytes", "freed_bytes")]
-    return [kernel["id"], kernel.get("name", ""), "hibernated", *sizes]
+def _listed(kernel: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    """One kernel as ``kernelhib list`` shows it, and as ``--json`` prints it.
+
+    ``memory_bytes``: a running kernel's memory (what hibernating it would
+    free), a hibernated one's as it was, freed when it hibernated.
+    """
+    hibernation = kernel.get("hibernation") or {}
+    state = server_client.state_of(kernel)
+    has_image = state in ("hibernating", "hibernated", "waking") and "engine" in hibernation
+    return {
+        "id": kernel["id"],
+        "name": kernel.get("name", ""),
+        "state": state,
+        "paths": paths,
+        "memory_bytes": hibernation.get("freed_bytes") if has_image else kernel.get("memory_bytes"),
+        "image_bytes": hibernation.get("image_bytes") if has_image else None,
+        "engine": hibernation.get("engine") if has_image else None,
+        "error": hibernation.get("error") or None,
+        "hibernation": kernel.get("hibernation"),
+    }
+
+
+# Exit statuses, decided from the server's reason codes (kernelhib.hibernator.Reason).
+FAILED = 1
+BUSY = 3  # a cell runs: --force (or later) may do it
+IN_FLIGHT = 4  # another operation on the kernel is in flight: try again once it is done
+EXIT_STATUS = {
+    Reason.BUSY: BUSY,
+    Reason.BUSY_NEEDS_CRIU: BUSY,
+    **{Reason(operation.value): IN_FLIGHT for operation in Operation},
+}
+# With --all-idle, a kernel that changed since it was listed idle is skipped, not failed.
+CHANGED_SINCE_LISTED = {
+    *EXIT_STATUS,
+    Reason.NOT_FOUND,
+    Reason.NOT_RUNNING,
+    Reason.HIBERNATED,
+}
+
+
+@dataclass(eq=False)
+class Outcome:
+    """What became of one kernel a command was asked to hibernate or wake."""
+
+    kernel_id: str
+    kernel: dict[str, Any] | None = None  # its model once done
+    error: server_client.ServerError | None = None
+    already: bool = False  # nothing to do: it was hibernated already
+    skipped: bool = False  # --all-idle: no longer idle when its turn came; not a failure
+
+    @property
+    def exit_status(self) -> int:
+        if self.error is None or self.skipped:
+            return 0
+        return EXIT_STATUS.get(self.error.reason, FAILED)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.kernel_id,
+            "ok": self.error is None,
+            "skipped": self.skipped,
+            "state": server_client.state_of(self.kernel) if self.kernel else None,
+            "kernel": self.kernel,
+            "reason": (self.error.reason or None) if self.error else None,
+            "message": str(self.error) if self.error else None,
+        }
 
 
 def _hibernate(args: argparse.Namespace) -> int:
+    if args.all_idle == bool(args.kernel_ids):
+        raise UsageError("name the kernels to hibernate, or pass --all-idle, not both")
     server = server_client.find_server(args.url, args.token)
-    kernel = server_client.hibernate(server, args.kernel_id, engine=args.engine, force=args.force)
-    info = kernel.get("hibernation") or {}
-    print(
-        f"Hibernated kernel {args.kernel_id} with {info.get('engine', '?')} in "
+    kernel_ids = args.kernel_ids or [
+        kernel["id"]
+        for kernel in server_client.list_kernels(server)
+        if server_client.state_of(kernel) == "idle"
+    ]
+    if not kernel_ids and not args.json:
+        print("No kernel is idle: nothing to hibernate.")
+
+    def hibernate(kernel_id: str) -> Outcome:
+        try:
+            kernel = server_client.hibernate(
+                server, kernel_id, engine=args.engine, force=args.force
+            )
+            return Outcome(kernel_id, kernel)
+        except server_client.ServerError as exc:
+            if exc.reason != Reason.HIBERNATED or args.all_idle:
+                skipped = args.all_idle and exc.reason in CHANGED_SINCE_LISTED
+                return Outcome(kernel_id, error=exc, skipped=skipped)
+            return Outcome(kernel_id, server_client.get_kernel(server, kernel_id), already=True)
+
+    outcomes = [
+        _waiting(server, kernel_id, "hibernating", args, lambda k=kernel_id: hibernate(k))
+        for kernel_id in kernel_ids
+    ]
+    return _report(args, outcomes, _hibernated_text)
+
+
+def _hibernated_text(outcome: Outcome) -> str:
+    if outcome.already:
+        return f"Kernel {outcome.kernel_id} was hibernated already"
+    info = (outcome.kernel or {}).get("hibernation") or {}
+    return (
+        f"Hibernated kernel {outcome.kernel_id} with {info.get('engine', '?')} in "
         f"{info.get('seconds', 0):.1f} s: image {human_bytes(info.get('image_bytes'))}, "
         f"memory freed {human_bytes(info.get('freed_bytes'))}"
     )
-    return 0
 
 
 def _wake(args: argparse.Namespace) -> int:
     server = server_client.find_server(args.url, args.token)
-    kernel = server_client.wake(server, args.kernel_id)
-    print(f"Woke kernel {args.kernel_id}; it is {kernel.get('execution_state', 'starting')}")
-    return 0
+
+    def wake(kernel_id: str) -> Outcome:
+        try:
+            return Outcome(kernel_id, server_client.wake(server, kernel_id))
+        except server_client.ServerError as exc:
+            return Outcome(kernel_id, error=exc)
+
+    outcomes = [
+        _waiting(server, kernel_id, "waking", args, lambda k=kernel_id: wake(k))
+        for kernel_id in args.kernel_ids
+    ]
+    return _report(args, outcomes, _woken_text)
+
+
+def _woken_text(outcome: Outcome) -> str:
+    state = (outcome.kernel or {}).get("execution_state", "starting")
+    return f"Woke kernel {outcome.kernel_id}; it is {state}"
+
+
+def _report(
+    args: argparse.Namespace, outcomes: list[Outcome], done_text: Callable[[Outcome], str]
+) -> int:
+    """Print what became of each kernel; the exit status is the first failure's."""
+    if args.json:
+        print(json.dumps([outcome.as_json() for outcome in outcomes], indent=2))
+    for outcome in [] if args.json else outcomes:
+        if outcome.error is None:
+            print(done_text(outcome))
+        elif outcome.skipped:
+            print(f"Skipped kernel {outcome.kernel_id}: {outcome.error}")
+        else:
+            print(f"kernelhib {args.command}: {outcome.error}", file=sys.stderr)
+            if outcome.error.reason == Reason.BUSY:
+                print(
+                    f"It is running a cell: `kernelhib hibernate --force {outcome.kernel_id}` "
+                    "freezes the cell, which carries on after the wake.",
+                    file=sys.stderr,
+                )
+    return next((outcome.exit_status for outcome in outcomes if outcome.exit_status), 0)
+
+
+# While a request is in flight on a terminal: redraw every TICK_S, ask for the state every POLL_S.
+TICK_S = 0.1
+POLL_S = 0.5
+SPINNER = "|/-\\"
+
+
+def _waiting(
+    server: server_client.Server,
+    kernel_id: str,
+    doing: str,
+    args: argparse.Namespace,
+    request: Callable[[], Outcome],
+) -> Outcome:
+    """Carry out ``request``, showing on a terminal what the kernel is doing meanwhile.
+
+    Hibernating or waking gigabytes takes a while: a spinner line on stderr
+    says how long so far and the kernel's state, as ``GET /api/kernels/{id}``
+    gives it, from POLL_S on. Nothing is shown with ``--json`` or when stderr
+    is not a terminal.
+    """
+    if args.json or not sys.stderr.isatty():
+        return request()
+    result: queue.Queue[Outcome | BaseException] = queue.Queue()
+
+    def run() -> None:
+        try:
+            result.put(request())
+        except BaseException as exc:  # handed to the main thread, raised there
+            result.put(exc)
+
+    # A daemon: Ctrl-C ends the command without waiting for the server's answer.
+    threading.Thread(target=run, daemon=True).start()
+    started = time.monotonic()
+    state, polled, frame = "", started, 0  # the kernel's state, once asked; frames drawn
+    try:
+        while True:
+            try:
+                answer = result.get(timeout=TICK_S)
+            except queue.Empty:
+                pass
+            else:
+                if isinstance(answer, BaseException):
+                    raise answer
+                return answer
+            now = time.monotonic()
+            if now - polled < POLL_S and not frame:
+                continue  # done within POLL_S: nothing shown
+            if now - polled >= POLL_S:
+                polled = now
+                with contextlib.suppress(server_client.ServerError):
+                    state = server_client.state_of(server_client.get_kernel(server, kernel_id))
+            frame += 1
+            sys.stderr.write(
+                f"\r{SPINNER[frame % len(SPINNER)]} {doing} kernel {kernel_id}: "
+                f"{now - started:.1f} s{', ' + state if state else ''}\x1b[K"
+            )
+            sys.stderr.flush()
+    finally:
+        if frame:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 def human_bytes(count: float | None) -> str:

@@ -6,7 +6,8 @@ Its ``comm_open`` has the requesting cell as parent; when that cell's
 been quiet for :data:`SETTLE_S`. The wait is for front ends: JupyterLab
 answers a comm_open for a target it does not know with a comm_close on the
 shell channel, which would wake a kernel hibernated before it arrived. Cells
-queued behind the requesting one run first.
+queued behind the requesting one run first, unless the request says ``force``.
+The comm's data may name the ``engine`` and ``force``, as the REST request does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from jupyter_client.manager import KernelManager
 from jupyter_client.session import Session
 
+from .engines.base import ENGINE_CHOICES
 from .magic import COMM_TARGET
 
 if TYPE_CHECKING:
@@ -34,6 +36,8 @@ class HibernateRequests:
         self.km = km
         self._session = Session(config=km.session.config, key=km.session.key)
         self._asked_by: str | None = None  # msg_id of the cell that ran %hibernate
+        self._engine = ""  # as it asked: "" for the server's KernelHibernator.engine
+        self._force = False  # hibernate even while a queued cell runs
         self._settling: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
         # A SUB socket of our own: after a CRIU wake ZMQ reconnects it by itself.
@@ -57,11 +61,32 @@ class HibernateRequests:
         content = self._session.unpack(msg["content"])
         parent = msg["parent_header"].get("msg_id")
         if msg_type == "comm_open" and content.get("target_name") == COMM_TARGET:
-            self._asked_by = parent
-            self.hibernator.log.info("Kernel %s asked to hibernate after its cell", self.kernel_id)
+            self._asked(parent, content.get("data"))
         elif content.get("execution_state") == "idle" and parent == self._asked_by:
             self._asked_by = None
             self._settle()
+
+    def _asked(self, parent: str | None, data: Any) -> None:
+        """Take a request from the kernel, checked: its code can send anything."""
+        data = data if isinstance(data, dict) else {}
+        engine, force = data.get("engine") or "", data.get("force", False)
+        if engine not in ("", *ENGINE_CHOICES) or not isinstance(force, bool):
+            self.hibernator.log.warning(
+                "Kernel %s asked to hibernate with engine %.20r and force %.20r: ignored, "
+                "the engine must be one of %s and force true or false",
+                self.kernel_id,
+                engine,
+                force,
+                ", ".join(ENGINE_CHOICES),
+            )
+            return
+        self._asked_by, self._engine, self._force = parent, engine, force
+        self.hibernator.log.info(
+            "Kernel %s asked to hibernate after its cell (engine %r, force %s)",
+            self.kernel_id,
+            engine or self.hibernator.engine,
+            force,
+        )
 
     def _settle(self) -> None:
         """(Re)start the quiet period after which the kernel hibernates."""
@@ -70,7 +95,7 @@ class HibernateRequests:
         self._settling = asyncio.get_running_loop().call_later(SETTLE_S, self._quiet)
 
     def _quiet(self) -> None:
-        if self.km.execution_state == "busy":
+        if self.km.execution_state == "busy" and not self._force:
             # A queued cell runs, silently so far: its status idle settles again.
             return
         self._settling = None
@@ -81,7 +106,7 @@ class HibernateRequests:
     async def _hibernate(self) -> None:
         # The magic already told the user what would happen; the log says how it went.
         try:
-            await self.hibernator.hibernate(self.kernel_id)
+            await self.hibernator.hibernate(self.kernel_id, self._engine, self._force)
         except Exception as exc:
             self.hibernator.log.warning(
                 "Could not hibernate kernel %s as %%hibernate asked: %s", self.kernel_id, exc

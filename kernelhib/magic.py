@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kernelhib.engines.base import ENGINE_CHOICES
+
 # Set by the kernelhib server in the environment of each kernel it starts.
 STATUS_ENV = "KERNELHIB_STATUS"
 COMM_TARGET = "kernelhib"
@@ -36,6 +38,17 @@ def load_ipython_extension(ipython: Any) -> None:
         action="store_true",
         help="Print the engine that would hibernate this kernel, and why, instead.",
     )
+    @argument(
+        "--engine",
+        choices=ENGINE_CHOICES,
+        help="The engine to hibernate with (default: the server's KernelHibernator.engine).",
+    )
+    @argument(
+        "--force",
+        action="store_true",
+        help="Do not wait for cells queued behind this one: a running one is frozen "
+        "(CRIU) and carries on after the wake.",
+    )
     def hibernate(line: str) -> None:
         """Hibernate this kernel as soon as the current cell has finished.
 
@@ -48,7 +61,7 @@ def load_ipython_extension(ipython: Any) -> None:
         elif args.status:
             print(describe(status))
         else:
-            print(request_hibernation(status))
+            print(request_hibernation(status, args.engine or "", args.force))
 
     ipython.register_magic_function(hibernate, magic_name="hibernate")
 
@@ -81,18 +94,30 @@ def describe(status: dict[str, str]) -> str:
     )
 
 
-def request_hibernation(status: dict[str, str]) -> str:
-    """Ask the server, through IOPub, to hibernate this kernel after the current cell."""
+def request_hibernation(status: dict[str, str], engine: str = "", force: bool = False) -> str:
+    """Ask the server, through IOPub, to hibernate this kernel after the current cell.
+
+    ``engine`` "" leaves the choice to the server; ``force`` hibernates it
+    even while a cell queued behind this one runs.
+    """
     import comm
 
-    comm.create_comm(target_name=COMM_TARGET, data={"request": "hibernate"}).close()
-    if not status["engine"]:
+    data = {"request": "hibernate", "engine": engine, "force": force}
+    comm.create_comm(target_name=COMM_TARGET, data=data).close()
+    when = (
+        "as soon as this cell is done, even if a cell queued behind it runs (it is frozen "
+        "and carries on after the wake)"
+        if force
+        else "as soon as the kernel is idle after this cell"
+    )
+    if not status["engine"] and not engine:
         return (
             f"Asked the kernelhib server to hibernate this kernel, but when it started "
             f"this kernel it could not hibernate it: {status['why']}"
         )
-    return (
-        f"This kernel will hibernate with {status['engine']} as soon as the kernel is idle "
-        "after this cell. Its memory goes back to the machine; running any cell wakes it. "
-        "`%hibernate --status` says why this engine."
+    name = {"": status["engine"], "auto": "the engine 'auto' picks"}.get(engine, engine)
+    planned = (
+        f"This kernel will hibernate with {name} {when}. "
+        "Its memory goes back to the machine; running any cell wakes it."
     )
+    return planned if engine else f"{planned} `%hibernate --status` says why this engine."

@@ -10,6 +10,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
+from kernelhib.hibernate_requests import SETTLE_S
 from kernelhib.magic import NOT_MANAGED, STATUS_ENV
 
 from .conftest import KernelChannel, summarize, wait_for_state
@@ -59,6 +60,53 @@ async def test_front_end_closing_the_unknown_comm_does_not_wake_the_kernel(
     await wait_for_state(api, kernel_id, "hibernated")
     await asyncio.sleep(2)
     assert await state(api, kernel_id) == "hibernated"
+
+
+@pytest.mark.criu
+async def test_engine_option_hibernates_with_that_engine(start_kernel: Any, api: Any) -> None:
+    kernel_id, channel = await start_kernel()
+
+    result = await channel.execute("%load_ext kernelhib\nvalue = 'kept'\n%hibernate --engine dill")
+
+    assert "will hibernate with dill as soon as the kernel is idle" in result["stdout"]
+    await wait_for_state(api, kernel_id, "hibernated")
+    assert (await api("GET", "kernels", kernel_id))["hibernation"]["engine"] == "dill"
+    assert (await channel.execute("value"))["result"] == "'kept'"
+
+
+@pytest.mark.criu
+async def test_force_freezes_the_queued_cell_which_carries_on_after_the_wake(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    result = await channel.execute("%load_ext kernelhib\n%hibernate --force")
+    assert "even if a cell queued behind it runs" in result["stdout"]
+
+    # Without --force the kernel would wait for this 10 s cell.
+    queued = channel.send(
+        "execute_request",
+        {"code": "import time\nfor _ in range(100):\n    time.sleep(0.1)\nprint('done')"},
+    )
+
+    await wait_for_state(api, kernel_id, "hibernated", timeout=8)
+    woken = await api("POST", "kernels", kernel_id, "wake")
+    assert woken["execution_state"] == "busy"
+    reply, output = await channel.reply_and_output(queued)
+    assert summarize(reply, output)["stdout"] == "done\n"
+
+
+async def test_a_malformed_request_from_the_kernel_is_ignored(start_kernel: Any, api: Any) -> None:
+    """The kernel's code can open the comm with any data: force must be true or false."""
+    kernel_id, channel = await start_kernel()
+    code = (
+        "import comm\n"
+        "comm.create_comm(target_name='kernelhib', data={'request': 'hibernate', 'force': 'yes'})"
+    )
+
+    assert (await channel.execute(code))["status"] == "ok"
+
+    await asyncio.sleep(SETTLE_S + 2)
+    assert await state(api, kernel_id) == "idle"
 
 
 async def run_like_jupyterlab(channel: KernelChannel, code: str) -> None:
