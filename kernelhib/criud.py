@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pwd
+import quopri
 import re
 import shutil
 import signal
@@ -275,10 +276,10 @@ def image_problem(image_dir: Path, pycriu: Any) -> str:
         if name == "remap-fpath.img" and entries:
             return "the kernel holds deleted files open, which CRIU would recreate as root"
         for entry in entries:
-            if entry.get("type") == "UNIXSK" and entry.get("usk", {}).get("name"):
-                name_bytes = entry["usk"]["name"]
-                if not str(name_bytes).startswith("\\0") and name_bytes[:1] not in ("\0", b"\0"):
-                    return "the kernel has a unix socket bound to a path, which CRIU binds as root"
+            # pycriu gives a unix socket's name quoted-printable; an abstract one starts with NUL.
+            bound = entry.get("usk", {}).get("name") if entry.get("type") == "UNIXSK" else None
+            if bound and not quopri.decodestring(bound).startswith(b"\0"):
+                return "the kernel has a unix socket bound to a path, which CRIU binds as root"
     if any(image_dir.glob("ghost-file-*.img")):
         return "the kernel holds deleted files open, which CRIU would recreate as root"
     return ""

@@ -340,3 +340,25 @@ def test_bad_requests_are_refused(service: dict[str, Path]) -> None:
     with pytest.raises(ServiceError) as refused:
         call(path, "launch", argv=[], env={}, cwd="/", log="/tmp/x")
     assert refused.value.reason is Refusal.BAD_REQUEST
+
+
+async def test_a_kernel_that_crius_restore_would_write_files_for_is_not_hibernated(
+    servers: dict[str, ServerProcess], homes: dict[str, Path]
+) -> None:
+    """CRIU, as root, would bind a unix socket's path and recreate deleted files at paths
+    the user controls: such kernels are refused, and run on."""
+    await up(servers)
+    ada = USERS[0]
+    kernel_id, channel = await start_kernel(servers[ada], 3)
+    held = {
+        "a unix socket bound to a path": "import socket; held = socket.socket(socket.AF_UNIX); "
+        f"held.bind({str(homes[ada] / 'notebooks' / 'sock')!r})",
+        "deleted files": "import tempfile; held = tempfile.TemporaryFile(); held.write(b'x')",
+    }
+    for what, code in held.items():
+        assert (await channel.execute(code))["status"] == "ok"
+        status, answer = await servers[ada].request("POST", "kernels", kernel_id, "hibernate")
+        assert status == 500 and what in answer["message"], answer
+        assert (await channel.execute("held.close(); x"))["result"] == "3"
+    model = await servers[ada].api("POST", "kernels", kernel_id, "hibernate")
+    assert model["hibernation"]["engine"] == "criu"
