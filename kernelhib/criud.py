@@ -349,8 +349,9 @@ class Service:
         except ServiceError as exc:
             log.warning("uid %d: %s refused (%s): %s", uid, op, exc.reason.value, exc)
             answer = {"ok": False, "reason": exc.reason.value, "error": str(exc)}
-        except (EngineError, ImageError, OSError, RuntimeError) as exc:
-            log.error("uid %d: %s failed: %s", uid, op, exc)
+        except Exception as exc:  # the asker gets an answer, whatever failed
+            log.error("uid %d: %s failed: %s", uid, op, exc, exc_info=not isinstance(
+                exc, (EngineError, ImageError, OSError, RuntimeError)))  # fmt: skip
             answer = {"ok": False, "reason": Refusal.FAILED.value, "error": str(exc)}
         with contextlib.suppress(OSError):
             writer.write(json.dumps(answer).encode() + b"\n")
@@ -537,7 +538,7 @@ class Service:
         process = KernelProcess(init)  # our child: reaped here
         try:
             pid = await asyncio.to_thread(self._check_restored, init, user, image.manifest)
-        except ServiceError:
+        except BaseException:  # whatever failed, nothing unchecked runs
             process.send_signal(signal.SIGKILL)  # pid 1 of its namespace: all of it ends
             await process.wait()
             raise
@@ -556,11 +557,9 @@ class Service:
         pids = users_processes(init)
         kernel = next((p for p in pids if _ns_pid(p) == manifest.get("ns_pid")), None)
         problem = self._namespace_problem(init, user) or access_problem([init, *pids], user)
-        if kernel is None:
+        if problem or kernel is None:
             problem = problem or "it holds no kernel"
-        if problem:
             raise ServiceError(f"the restored kernel was killed: {problem}", Refusal.CHECK_FAILED)
-        assert kernel is not None
         return kernel
 
     async def discard(self, user: User, request: dict[str, Any]) -> dict[str, Any]:
