@@ -32,6 +32,7 @@ from traitlets.config import LoggingConfigurable
 from . import journal, metrics
 from .engines.base import ENGINE_CHOICES, Engine, EngineError
 from .engines.criu import CriuEngine
+from .engines.criu_service import CriuService
 from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
@@ -293,7 +294,7 @@ class KernelHibernator(LoggingConfigurable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._records: dict[str, Hibernation] = {}
-        self._criu = CriuEngine(self.criu_path)
+        self._criu = CriuEngine(self.criu_path, CriuService(parent=self).socket)
         self._dill = DillEngine()
         self._store: ImageStore | None = None
         self.idle = IdleWatcher(self)
@@ -309,7 +310,7 @@ class KernelHibernator(LoggingConfigurable):
     @property
     def store(self) -> ImageStore:
         if self._store is None:
-            self._store = ImageStore(Path(self.image_dir))
+            self._store = ImageStore(Path(self.image_dir), self._criu.release)
         return self._store
 
     def record(self, kernel_id: str) -> Hibernation:

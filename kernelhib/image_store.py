@@ -147,8 +147,12 @@ def _create_key(path: Path) -> None:
 class ImageStore:
     """One directory per hibernated kernel under ``root``; blocking, call from a thread."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, release: Callable[[Path], None] | None = None) -> None:
+        """``release(directory)`` is called before an image, or a staging or retired
+        directory, is deleted: for what an engine keeps elsewhere (the CRIU service's
+        image)."""
         self.root = private_dir(Path(root))
+        self._release = release
         self._key = _load_key(self.root / _KEY_FILE)
         self._writing: dict[Path, WriteBehind] = {}
         self.journal = Journal(self.root / _JOURNAL_DIR, self._sign)
@@ -334,6 +338,12 @@ class ImageStore:
         """
         path = path_or_id if isinstance(path_or_id, Path) else self.retire(path_or_id)
         self._written(path)
+        self._delete(path)
+
+    def _delete(self, path: Path) -> None:
+        # A restore directory only links to an image's files: the image stays.
+        if self._release and not path.name.startswith(_RESTORE_PREFIX) and path.is_dir():
+            self._release(path)
         shutil.rmtree(path, ignore_errors=True)
 
     def retire(self, kernel_id: str) -> Path:
@@ -357,7 +367,7 @@ class ImageStore:
             if not path.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX, _RESTORE_PREFIX)):
                 continue
             if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+                self._delete(path)
             else:
                 path.unlink(missing_ok=True)
 

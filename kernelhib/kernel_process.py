@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -89,6 +90,23 @@ def available_memory() -> int:
         if line.strip().startswith("count:")
     )
     return available * 1024 + per_cpu * os.sysconf("SC_PAGE_SIZE")
+
+
+async def namespace_init(
+    unshare_pid: int, exited: Callable[[], int | None], timeout: float = 10
+) -> int:
+    """The host pid of the process that ``unshare --pid --fork`` started in its new
+    namespace; ``exited()`` is unshare's exit status once it has exited."""
+    children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children")
+    for _ in range(int(timeout / 0.01)):
+        status = exited()
+        if status is not None:
+            raise RuntimeError(f"the kernel exited at start (status {status})")
+        pids = children.read_text().split()
+        if pids:
+            return int(pids[0])
+        await asyncio.sleep(0.01)
+    raise RuntimeError(f"unshare started no kernel within {timeout} s")
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

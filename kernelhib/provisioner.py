@@ -19,7 +19,8 @@ restore to work:
   any other kernel runs a cell.
 
 A restored kernel is managed through a pidfd (:class:`KernelProcess`), because
-it need not be our child.
+it need not be our child. With ``CriuService.socket`` set, no kernel is: the root
+service kernelhib-criud launches it, as our uid, in its pid namespace.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from traitlets import CaselessStrEnum, Unicode, default
 
 from .engines.base import EngineError
 from .engines.criu import CriuEngine
-from .kernel_process import KernelProcess
+from .engines.criu_service import CriuService, acall
+from .kernel_process import KernelProcess, namespace_init
 from .paths import kernelhib_data_dir, private_dir
 
 # --kill-child: the kernel dies with unshare, so ending either ends both.
@@ -85,6 +87,11 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         "whose kernels never use CUDA.",
     )
 
+    @property
+    def service(self) -> str:
+        """The CRIU service's socket that launches our kernels, or '' to launch them here."""
+        return CriuService(parent=self).socket
+
     kernel: KernelProcess | None = None
     hibernated: bool = False
     not_restorable: str = ""
@@ -111,7 +118,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
                 # kernelhib is importable there: %hibernate works without %load_ext.
                 cmd.append("--InteractiveShellApp.extra_extensions=kernelhib")
         self.not_restorable = self._why_not_restorable()
-        if not self.not_restorable:
+        if not self.not_restorable and not self.service:
             kwargs["cmd"] = [*_UNSHARE, *cmd]
         env = dict(kwargs.get("env") or os.environ)
         env.pop("JPY_PARENT_PID", None)  # the launcher sets it again where it is harmless
@@ -123,10 +130,12 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         transport = getattr(self.parent, "transport", "tcp")
         if transport != "tcp":
             return f"the kernel uses the {transport} transport; CRIU needs tcp"
-        if os.geteuid() != 0:
-            return "the server does not run as root, so the kernel has no pid namespace"
-        if not shutil.which("unshare"):
-            return "`unshare` (util-linux) is not installed, so the kernel has no pid namespace"
+        # Else kernelhib-criud starts it as root would: in a pid namespace of its own.
+        if not self.service:
+            if os.geteuid() != 0:
+                return "the server does not run as root, so the kernel has no pid namespace"
+            if not shutil.which("unshare"):
+                return "`unshare` (util-linux) is not installed, so the kernel has no pid namespace"
         if self.pid_namespace == "never":
             return "HibernatingProvisioner.pid_namespace is 'never', so the kernel has none"
         if self.pid_namespace == "auto" and NVIDIA_CONTROL_DEVICE.exists():
@@ -134,6 +143,8 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         return ""
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        if self.service and not self.not_restorable:
+            return await self._launch_by_service(cmd, **kwargs)
         with self.log_file.open("ab") as log:
             # independent: no JPY_PARENT_PID, and a session of its own (a Ctrl-C
             # in the server's terminal is not the kernel's).
@@ -143,26 +154,32 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             info = await super().launch_kernel(cmd, **kwargs)
         pid = self.process.pid
         if not self.not_restorable:
-            pid = await self._namespace_init(pid)
+            try:
+                pid = await namespace_init(pid, self.process.poll)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; see {self.log_file}") from None
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid
         self.hibernated = False
         return info
 
-    async def _namespace_init(self, unshare_pid: int, timeout: float = 10) -> int:
-        """The host pid of the kernel that ``unshare`` started in the new namespace."""
-        children = Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children")
-        for _ in range(int(timeout / 0.01)):
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the kernel exited at start (status {self.process.returncode}); "
-                    f"see {self.log_file}"
-                )
-            pids = children.read_text().split()
-            if pids:
-                return int(pids[0])
-            await asyncio.sleep(0.01)
-        raise RuntimeError(f"unshare started no kernel within {timeout} s")
+    async def _launch_by_service(self, cmd: list[str], **kwargs: Any) -> Any:
+        """Have kernelhib-criud start the kernel, as our uid, in its pid namespace: only
+        kernels it started (or restored) for us, it dumps for us."""
+        self.log_file.touch(mode=0o600)
+        answer = await acall(
+            self.service,
+            "launch",
+            argv=cmd,
+            env=kwargs.get("env") or dict(os.environ),
+            cwd=str(kwargs.get("cwd") or os.getcwd()),
+            log=str(self.log_file),
+        )
+        self.kernel = KernelProcess(int(answer["pid"]))
+        self.pid = self.pgid = self.kernel.pid
+        self.cwd = kwargs.get("cwd") or os.getcwd()
+        self.hibernated = False
+        return self.connection_info
 
     async def poll(self) -> int | None:
         if self.hibernated:

@@ -18,17 +18,17 @@ from .conftest import ServerProcess
 USER = "kernelhib-test"
 
 
-@pytest.fixture(scope="session")
-def unprivileged_runner() -> list[str]:
-    """A command prefix that runs a program as an ordinary user with no capabilities."""
+def runner_for(name: str) -> list[str]:
+    """A command prefix that runs a program as the ordinary user ``name``, with no
+    capabilities; the user is created if missing."""
     try:
-        user = pwd.getpwnam(USER)
+        user = pwd.getpwnam(name)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
             check=True,
         )
-        user = pwd.getpwnam(USER)
+        user = pwd.getpwnam(name)
     runner = [
         "setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
         "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all",
@@ -38,11 +38,17 @@ def unprivileged_runner() -> list[str]:
     )
     if probe.returncode:
         pytest.fail(
-            f"{USER} cannot run {sys.executable}: {probe.stderr.strip()}. Create the "
+            f"{name} cannot run {sys.executable}: {probe.stderr.strip()}. Create the "
             "test environment with a Python other users may run (scripts/setup.sh uses "
             "/usr/bin/python3) in a directory they may read."
         )
     return runner
+
+
+@pytest.fixture(scope="session")
+def unprivileged_runner() -> list[str]:
+    """A command prefix that runs a program as an ordinary user with no capabilities."""
+    return runner_for(USER)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@
 #
 # Every user server runs as root (CRIU restores kernels as root here), so every
 # user can read every other user's files and images: this configuration is for
-# one person or a team that trusts each other, not for strangers. See
+# one person or a team that trusts each other, not for strangers. For servers
+# that run as their users, with CRIU, see jupyterhub_config_criud.py. See
 # docs/jupyterhub.md for the trade-offs, and for Kubernetes (z2jh-values.yaml).
 #
 # tests/test_jupyterhub.py runs a real hub with this file, with shorter timings,
@@ -51,8 +52,8 @@ bin_dir = Path(sys.executable).parent
 # --- User servers --------------------------------------------------------------
 # SimpleLocalProcessSpawner runs every server as the hub's user (root), in its own
 # home directory. LocalProcessSpawner (the default) runs each server as the user's
-# system account: CRIU cannot restore kernels there, so use the dill engine
-# (c.KernelHibernator.engine = "dill") with it instead; see docs/jupyterhub.md.
+# system account: CRIU then needs kernelhib-criud (jupyterhub_config_criud.py),
+# else use the dill engine (c.KernelHibernator.engine = "dill"); see docs/jupyterhub.md.
 c.JupyterHub.spawner_class = "simple"
 c.SimpleLocalProcessSpawner.home_dir_template = "/srv/jupyterhub/home/{username}"
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .base import Availability, Engine, EngineError
 from .criu_install import CriuBinary, CriuUnavailable, locate_criu, version_text
+from .criu_service import ServiceError, acall, call
 
 # One table of options serves both drivers: RPC field name -> command-line flag.
 _COMMON = {
@@ -37,6 +40,8 @@ DUMP_LOG = "dump.log"
 RESTORE_LOG = "restore.log"
 _PIDFILE = "restored.pid"
 _PROC_MOUNT = "proc.crtools"
+# With the service, the image is the service's; the engine's directory names it.
+SERVICE_IMAGE = "criud.json"
 
 
 def _log_errors(log: Path, limit: int = 6) -> str:
@@ -55,9 +60,16 @@ class _CliDriver:
     def __init__(self, binary: CriuBinary) -> None:
         self.binary = binary
 
-    def _run(self, action: str, image_dir: Path, options: dict[str, str], extra: list[str]) -> None:
+    def _run(
+        self,
+        action: str,
+        image_dir: Path,
+        options: dict[str, str],
+        extra: list[str],
+        prefix: Sequence[str] = (),
+    ) -> None:
         log = DUMP_LOG if action == "dump" else RESTORE_LOG
-        cmd = [str(self.binary.path), action, "-D", str(image_dir), "-o", log, "-v2"]
+        cmd = [*prefix, str(self.binary.path), action, "-D", str(image_dir), "-o", log, "-v2"]
         cmd += list(options.values()) + extra
         result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
@@ -65,8 +77,11 @@ class _CliDriver:
                 f"criu {action} failed (exit {result.returncode}):\n" + _log_errors(image_dir / log)
             )
 
-    def dump(self, pid: int, image_dir: Path) -> None:
-        self._run("dump", image_dir, _DUMP, ["-t", str(pid)])
+    def dump(self, pid: int, image_dir: Path, prefix: Sequence[str] = ()) -> None:
+        """``prefix`` runs CRIU as the dumped processes' uid, with the capabilities it
+        names (kernelhib-criud's dumps): CRIU is told it is not root."""
+        unprivileged = ["--unprivileged"] if prefix else []
+        self._run("dump", image_dir, _DUMP, ["-t", str(pid), *unprivileged], prefix)
 
     def restore(self, image_dir: Path) -> int:
         pidfile = image_dir / _PIDFILE
@@ -118,21 +133,34 @@ def _import_pycriu(binary: CriuBinary) -> Any | None:
 
 
 class CriuEngine(Engine):
-    """Checkpoint/restore of the kernel's process tree (root only, CRIU >= 4.2)."""
+    """Checkpoint/restore of the kernel's process tree (root only, CRIU >= 4.2), or
+    through kernelhib-criud, the root service at ``service`` (a unix socket)."""
 
     name = "criu"
 
-    def __init__(self, criu_path: str = "") -> None:
+    def __init__(self, criu_path: str = "", service: str = "") -> None:
         self.criu_path = criu_path
+        self.service = service
         self._driver: _CliDriver | _RpcDriver | None = None
         self._dump_lock = asyncio.Lock()
 
     def availability(self) -> Availability:
+        if self.service:
+            try:
+                hello = call(self.service, "hello")
+            except ServiceError as exc:
+                return Availability(
+                    False, str(exc), "start kernelhib-criud (systemctl start kernelhib-criud)"
+                )
+            return Availability(
+                True, f"through kernelhib-criud at {self.service}, for uid {hello['uid']}"
+            )
         if os.geteuid() != 0:
             return Availability(
                 False,
                 f"running as uid {os.geteuid()}; CRIU can only restore kernels as root here",
-                "run the Jupyter server as root, or use the dill engine",
+                "run the Jupyter server as root, or kernelhib-criud and set "
+                "CriuService.socket, or use the dill engine",
             )
         if not shutil.which("unshare"):
             return Availability(
@@ -171,6 +199,11 @@ class CriuEngine(Engine):
         sharing a directory cannot be dumped at once. A directory left there by
         an interrupted dump would make every later dump fail; it is removed.
         """
+        if self.service:
+            answer = await acall(self.service, "dump", pid=pid)
+            reference = json.dumps({"image": answer["image"]})
+            await asyncio.to_thread((image_dir / SERVICE_IMAGE).write_text, reference)
+            return
         async with self._dump_lock:
             with contextlib.suppress(OSError):
                 (Path(f"/proc/{pid}/cwd") / _PROC_MOUNT).rmdir()
@@ -190,4 +223,25 @@ class CriuEngine(Engine):
         the image's signed files (``ImageStore.restore_dir``). Nothing of the
         kernel runs until the caller continues it (SIGCONT).
         """
+        if self.service:
+            answer = await acall(self.service, "restore", image=_service_image(image_dir))
+            return int(answer["pid"])
         return await asyncio.to_thread(self.driver.restore, image_dir)
+
+    def release(self, image_dir: Path) -> None:
+        """Have the service delete the image that ``image_dir`` names, if any: its
+        own reference to it is being deleted. Blocking."""
+        if self.service and (image_dir / SERVICE_IMAGE).is_file():
+            with contextlib.suppress(ServiceError, OSError, ValueError, KeyError):
+                call(self.service, "discard", image=_service_image(image_dir))
+
+
+def _service_image(image_dir: Path) -> str:
+    """The name of the service's image that ``image_dir`` refers to."""
+    try:
+        name = json.loads((image_dir / SERVICE_IMAGE).read_text())["image"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EngineError(f"{image_dir} names no image of kernelhib-criud: {exc}") from exc
+    if not isinstance(name, str):
+        raise EngineError(f"{image_dir / SERVICE_IMAGE} is not a kernelhib-criud reference")
+    return name
