@@ -107,7 +107,8 @@ labext="$venv/share/jupyter/labextensions/kernelhib"
 if ((needed)) || [[ ! -e "$labext/static/style.js" ]] ||
     ! "$venv/bin/python" -c 'import kernelhib' 2>/dev/null; then
     say "Installing kernelhib: pip install -e '$spec'${extra[*]:+ ${extra[*]}}"
-    say "(the first time, its build fetches Node.js from PyPI and builds the JupyterLab extension: a few minutes)"
+    [[ -e "$repo/kernelhib/labextension/static/style.js" ]] ||
+        say "(its build fetches Node.js from PyPI and builds the JupyterLab extension: a few minutes)"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     (cd "$repo" && "$venv/bin/python" -m pip install -q --disable-pip-version-check \
         -e "$spec" "${extra[@]}")
