@@ -121,12 +121,11 @@ fi
 # Never a kernelhib without its user interface: the editable install copies the built
 # extension into the venv, where JupyterLab finds it.
 [[ -e "$labext/static/style.js" && -e "$labext/install.json" ]] ||
-    die "kernelhib's JupyterLab extension is missing from $labext: its build (pip install -e) did not produce it; rerun with: cd $repo && $venv/bin/python -m pip install -v -e ."
+    die "kernelhib's JupyterLab extension is missing from $labext: its build (pip install -e) did not produce it; see why with: cd $repo && $venv/bin/python -m pip install -v --no-deps -e ."
 if ((lab)); then
-    "$venv/bin/jupyter" labextension list 2>&1 | grep -qE '^\s+kernelhib v\S+ .*enabled.*OK' || {
-        "$venv/bin/jupyter" labextension list >&2 || true
-        die "JupyterLab does not list kernelhib's extension as enabled and OK (above)"
-    }
+    listing="$("$venv/bin/jupyter" labextension list 2>&1)" || true
+    grep -qE '^\s+kernelhib v\S+ .*enabled.*OK' <<<"$listing" ||
+        die "JupyterLab does not list kernelhib's extension as enabled and OK:"$'\n'"$listing"
     say "JupyterLab extension: kernelhib $("$venv/bin/python" -c 'import kernelhib; print(kernelhib.__version__)') enabled"
 fi
 

@@ -20,7 +20,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-say() { printf '==> %s\n' "$*"; }
+say() { printf "==> %s [at %d s]\n" "$*" "$SECONDS"; }
 fail() {
     printf 'test-install.sh: %s\n' "$*" >&2
     exit 1
