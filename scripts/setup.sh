@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up kernelhib on a Debian/Ubuntu machine, as root. Idempotent, and fast
-# (about a second) when everything is already in place.
+# (a few seconds) when everything is already in place.
 #
 #   bash scripts/setup.sh            # .venv with kernelhib and its test extras, plus CRIU
 #   bash scripts/setup.sh --no-test  # without the test extras
