@@ -14,8 +14,8 @@
 #
 #   bash scripts/test-install.sh
 #
-# Needs root. Installs what the browser test needs (scripts/ui-deps.sh). Node packages come
-# from labextension's yarn cache where it has them.
+# Needs root and a git checkout. Installs what the browser test needs (scripts/ui-deps.sh) and
+# git. Node packages come from labextension's yarn cache where it has them.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +41,13 @@ check_enabled() {
 }
 
 bash scripts/ui-deps.sh
+# The fresh copies are made of what git tracks and would track.
+if ! command -v git >/dev/null; then
+    say "Installing system packages: git"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends git
+fi
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 ||
+    fail "$repo is not a git checkout: the fresh copies are made of its tracked and untracked files"
 
 tmp="$(mktemp -d /tmp/kernelhib-install.XXXXXX)"
 lab_pid=""
