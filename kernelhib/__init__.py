@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+# Written by the build (hatch's version hook) from labextension/package.json.
+from ._version import __version__ as __version__
 
 
 def _jupyter_labextension_paths() -> list[dict[str, str]]:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Start JupyterLab with kernelhib and the demo notebook (notebooks/), on loopback.
-# Runs scripts/setup.sh first (adding JupyterLab and numpy to .venv). Needs root.
+# Start JupyterLab with kernelhib (its server extension and its JupyterLab extension) and
+# the demo notebook (notebooks/), on loopback. Runs scripts/setup.sh first (adding
+# JupyterLab and numpy to .venv; it needs no Node.js, and fails if the JupyterLab extension
+# is not enabled). Needs root.
 #
 #   bash scripts/lab.sh                     # http://127.0.0.1:8888/lab?token=...
 #   JUPYTER_PORT=9999 bash scripts/lab.sh   # another port
@@ -58,6 +60,7 @@ PY
     exit 1
 }
 printf '\n==> JupyterLab with kernelhib is running. Open the demo notebook at:\n\n    %s\n\n' "$url"
-printf '    Hibernate a kernel from a terminal: .venv/bin/kernelhib list / hibernate <id> / wake <id>\n'
+printf '    Hibernate a notebook'\''s kernel with the moon button at the right of its toolbar, or\n'
+printf '    from a cell: %%load_ext kernelhib, then %%hibernate. Running a cell wakes it.\n'
 printf '    Stop with Ctrl-C.\n\n'
 wait "$lab_pid"

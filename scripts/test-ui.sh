@@ -7,9 +7,10 @@
 #   bash scripts/test-ui.sh                # all of the above
 #   bash scripts/test-ui.sh --screenshots  # also write the browser test's screenshots to docs/images/
 #
-# Installs what is missing: Debian's chromium (and nodejs if there is no node),
-# .venv with JupyterLab and CRIU (scripts/setup.sh --lab), and the Node packages
-# of labextension/yarn.lock from the npm registry. Playwright downloads no browser.
+# Installs what is missing (scripts/ui-deps.sh): Debian's chromium (and nodejs if
+# there is no node), .venv with JupyterLab and CRIU (scripts/setup.sh --lab), and
+# the Node packages of labextension/yarn.lock from the npm registry. Playwright
+# downloads no browser.
 set -euo pipefail
 
 screenshots=0
@@ -17,7 +18,7 @@ for arg in "$@"; do
     case "$arg" in
         --screenshots) screenshots=1 ;;
         -h | --help)
-            sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -31,43 +32,26 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 say() { printf '==> %s\n' "$*"; }
 
-# 1. System packages: Chromium for the browser test, Node.js for the build.
-missing=()
-[[ -x /usr/bin/chromium ]] || missing+=(chromium)
-command -v node >/dev/null || missing+=(nodejs)
-if ((${#missing[@]})); then
-    say "Installing system packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
-say "$(node --version | sed 's/^/Node.js /'), $(/usr/bin/chromium --version 2>/dev/null)"
-
-# 2. .venv with kernelhib, JupyterLab (whose jlpm builds the extension) and CRIU.
-bash scripts/setup.sh --lab
+# 1. Chromium, Node.js, .venv with JupyterLab and CRIU, the Node packages.
+bash scripts/ui-deps.sh
 export PATH="$repo/.venv/bin:$PATH"
-
-# 3. Node packages, exactly as labextension/yarn.lock says.
 cd labextension
-export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
-say "jlpm install --immutable (labextension/)"
-jlpm install --immutable
 say "Type checks and formatting"
 jlpm typecheck
 jlpm format:check
 
-# 4. Unit tests of the state logic.
+# 2. Unit tests of the state logic.
 say "jest"
 jlpm test
 
-# 5. Build the extension and install it into .venv (an editable install copies it there).
+# 3. Build the extension and install it into .venv (an editable install copies it there).
 say "Building the extension (jlpm build:prod) and installing it"
 jlpm build:prod
 (cd "$repo" && .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .)
 jupyter labextension list 2>&1 | grep -E '^\s+kernelhib .*enabled.*OK' ||
     { echo "test-ui.sh: the kernelhib extension is not installed and enabled" >&2; exit 1; }
 
-# 6. The browser test.
+# 4. The browser test.
 export CHROMIUM=/usr/bin/chromium KERNELHIB_JUPYTER="$repo/.venv/bin/jupyter"
 if ((screenshots)); then
     export KERNELHIB_SCREENSHOTS="$repo/docs/images"
