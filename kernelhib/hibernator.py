@@ -212,8 +212,8 @@ class KernelHibernator(LoggingConfigurable):
     wake_timeout = Float(
         60.0,
         config=True,
-        help="Seconds a woken kernel has to answer kernel_info before the wake counts "
-        "as failed (the image is kept).",
+        help="Seconds a woken kernel has to answer (a comm_info request, which changes "
+        "nothing in the kernel) before the wake counts as failed (the image is kept).",
     )
 
     idle_timeout = Float(
