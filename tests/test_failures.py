@@ -169,9 +169,13 @@ async def test_hibernating_twice_is_409(start_kernel: Any, api: Any) -> None:
     ("body", "expect", "text"),
     [
         ({"engine": "zfs"}, 400, "'engine' must be one of auto, criu, dill"),
+        ({"engine": 5}, 400, "'engine' must be one of auto, criu, dill"),
+        ({"engine": "x" * (64 << 20)}, 400, "the request body is larger than 1024 bytes"),
+        ({"forse": True}, 400, "unknown field 'forse' (this request takes engine, force)"),
         ({"force": "yes"}, 400, "'force' must be true or false"),
         ([1, 2], 400, "must be a JSON object"),
     ],
+    ids=["unknown engine", "engine not a string", "64 MiB body", "unknown field", "force", "list"],
 )
 async def test_bad_requests_get_clear_errors(
     body: Any, expect: int, text: str, start_kernel: Any, api: Any
@@ -179,6 +183,8 @@ async def test_bad_requests_get_clear_errors(
     kernel_id, channel = await start_kernel()
     error = await api("POST", "kernels", kernel_id, "hibernate", body=body, expect=expect)
     assert text in error["message"]
+    assert error["reason"] == "bad-request"
+    assert len(error["message"]) < 200, "an error never echoes its input"
     assert (await channel.execute("1 + 1"))["result"] == "2"
 
 
