@@ -482,10 +482,10 @@ class KernelHibernator(LoggingConfigurable):
         record.state, record.error = "hibernating", ""
         self._emit("hibernate-started", kernel_id, record)
         started = time.monotonic()
-        # From here until the commit, this process is all there is of the kernel:
-        # if the server dies, it is kept running for the next server.
-        await self._journal(km, journal.HIBERNATING)
         try:
+            # From here until the commit, this process is all there is of the kernel:
+            # if the server dies, it is kept running for the next server.
+            await self._journal(km, journal.HIBERNATING)
             try:
                 image = await self._write_image(km, chosen, fallback)
             except EngineError as exc:
@@ -512,7 +512,11 @@ class KernelHibernator(LoggingConfigurable):
         except (Exception, asyncio.CancelledError) as exc:
             record.state = "running"
             record.error = f"hibernation failed, the kernel runs on: {exc}"
-            await self._journal(km, journal.RUNNING)
+            try:
+                await self._journal(km, journal.RUNNING)
+            except OSError as unrecorded:
+                # Left 'hibernating', the entry only keeps the kernel alive if we die.
+                self.log.warning("Kernel %s: journal not updated: %s", kernel_id, unrecorded)
             error = HibernationError(record.error)
             self._ended(Operation.HIBERNATE, kernel_id, record, chosen.name, started, error)
             raise error from exc

@@ -13,6 +13,7 @@ from kernelhib.engines.base import EngineError
 from kernelhib.engines.criu import CriuEngine
 from kernelhib.hibernator import KernelHibernator
 from kernelhib.image_store import ImageStore
+from kernelhib.journal import Journal
 
 from .conftest import TRACE_A_CHILD, image_path, wait_for_state
 
@@ -50,6 +51,7 @@ def fail_after_first_hash() -> Any:
 
 
 FAULTS = {
+    "record it in the journal": (Journal, "write", fail("injected: disk full")),
     "create staging directory": (ImageStore, "stage", fail("injected: disk full")),
     "freeze and dump": (CriuEngine, "dump", fail_dump),
     "verify and fsync image": (image_store, "digest", None),
