@@ -7,6 +7,7 @@ module the way the server does, by sending its source in a user expression.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterator
@@ -480,3 +481,100 @@ def test_a_value_that_cannot_load_takes_only_what_shares_its_objects(
 def test_outside_ipython_it_refuses_to_run(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="only inside an IPython kernel"):
         dill_snapshot.save(str(tmp_path))
+
+
+NEEDS_NAMES = """
+from collections import Counter
+from statistics import mean
+
+class Tally(Counter):
+    # Counter pickles as Tally(dict): loading it runs __init__, which needs mean and scale.
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.average = scale(mean(self.values())) if self else 0
+
+def scale(x):
+    return x * 10
+
+early = Tally()  # empty, so built before its helper existed; filled below
+pair = [early, "shared"]  # shares early
+del scale
+def scale(x):  # redefined: now after early and pair in the namespace
+    return x * 10
+early.update("aab")
+late = Tally("xyyzzz")
+"""
+
+
+def test_values_that_need_names_to_load_find_them(tmp_path: Path, kernels: list[Kernel]) -> None:
+    saved, loaded, kernel = save_then_load(tmp_path, kernels, NEEDS_NAMES)
+    assert saved["lost"] == loaded["lost"] == []
+    assert loaded["restored"] == ["Counter", "Tally", "early", "late", "mean", "pair", "scale"]
+    # late found mean and scale loaded before it; early and pair (which shares it) were
+    # tried again once scale, saved after them, was back.
+    assert kernel.value("dict(early), late.average, pair[0] is early") == [
+        {"a": 2, "b": 1},
+        20.0,
+        True,
+    ]
+
+
+MODULE_STATE = """
+import logging, random, warnings
+import matplotlib
+import numpy as np
+import pandas as pd
+
+random.seed(7)
+np.random.seed(7)
+rng = np.random.default_rng(7)
+legacy = np.random.RandomState(7)
+started = [random.random(), np.random.random(), rng.random(), legacy.random()]  # not at seed
+
+def peek(draw, get, put):
+    # The next three draws, with the stream put back where it was.
+    state = get()
+    values = [float(draw()) for _ in range(3)]
+    put(state)
+    return values
+expected = {
+    "random": peek(random.random, random.getstate, random.setstate),
+    "np": peek(np.random.random, np.random.get_state, np.random.set_state),
+    "rng": peek(rng.random, lambda: rng.bit_generator.state,
+                lambda s: setattr(rng.bit_generator, "state", s)),
+    "legacy": peek(legacy.random, legacy.get_state, legacy.set_state),
+}
+
+matplotlib.rcParams["lines.linewidth"] = 4.5
+pd.set_option("display.max_rows", 7)
+warnings.filterwarnings("ignore", message="kernelhib-noise")
+logging.getLogger("mylib").setLevel(logging.DEBUG)
+logging.getLogger().setLevel(logging.ERROR)
+"""
+
+
+def test_module_state_is_kept(tmp_path: Path, kernels: list[Kernel]) -> None:
+    saved, loaded, kernel = save_then_load(tmp_path, kernels, MODULE_STATE)
+    assert saved["lost"] == loaded["lost"] == []
+    draws = {
+        "random": "[random.random() for _ in range(3)]",
+        "np": "np.random.random(3).tolist()",
+        "rng": "rng.random(3).tolist()",
+        "legacy": "legacy.random(3).tolist()",
+    }
+    for stream, draw in draws.items():
+        assert kernel.value(draw) == kernel.value(f"expected[{stream!r}]"), stream
+    assert kernel.value("matplotlib.rcParams['lines.linewidth']") == 4.5
+    assert kernel.value("pd.get_option('display.max_rows')") == 7
+    assert kernel.value("warnings.filters[0][1].pattern") == "kernelhib-noise"
+    levels = "logging.getLogger('mylib').level, logging.getLogger().level"
+    assert kernel.value(levels) == [logging.DEBUG, logging.ERROR]
+
+
+def test_module_state_imports_nothing_the_user_did_not(
+    tmp_path: Path, kernels: list[Kernel]
+) -> None:
+    _, loaded, kernel = save_then_load(tmp_path, kernels, "x = 1")
+    assert loaded["lost"] == []
+    imported = "[m for m in ('numpy', 'pandas', 'matplotlib') if m in __import__('sys').modules]"
+    assert kernel.value(imported) == []

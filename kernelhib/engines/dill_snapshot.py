@@ -6,18 +6,21 @@ kernel: the server sends its source in a silent execute request and calls
 the standard library, dill and IPython, and it never prints while it works:
 the server reads the return value.
 
-A snapshot is the values of the user's variables, not the process. Threads,
-comms, open handles and state kept inside imported modules are gone after a
-load, so the first cell run after it says so, once.
+A snapshot is the values of the user's variables, not the process, plus the
+module state of :data:`_MODULE_STATE` (random streams, library options).
+Threads, comms, open handles and other state kept inside imported modules are
+gone after a load, so the first cell run after it says so, once.
 """
 
 from __future__ import annotations
 
 import ast
 import bisect
+import builtins
 import contextlib
 import importlib
 import io
+import itertools
 import json
 import mmap
 import os
@@ -323,6 +326,16 @@ def _label(kind: str, name: Any) -> str:
     return f"Out[{name}]" if kind == "out" else str(name)
 
 
+def _lost(kind: str, name: Any, type_name: str, reason: str) -> list[dict[str, str]]:
+    """The ``lost`` entry for an item that was not kept: variables and module state are
+    reported; outputs and ``_ __ ___`` are history only."""
+    if kind == "var":
+        return [{"name": name, "type": type_name, "reason": reason}]
+    if kind == "state":
+        return [{"name": name, "type": "module state", "reason": reason}]
+    return []
+
+
 def _pickle(
     directory: str, items: dict[_Key, Any], main: types.ModuleType
 ) -> tuple[list[dict[str, Any]], dict[_Key, str], int]:
@@ -378,6 +391,119 @@ def _pickle(
     return entries, failures, size + _write(directory, _DATA, write_arrays)
 
 
+def _same(value: object, default: object) -> bool:
+    try:
+        return bool(value == default)
+    except Exception:  # an array-like value: keep it
+        return False
+
+
+def _set_each(assign: Callable[[str, Any], None], values: dict[str, Any]) -> None:
+    """Set every value that takes; then name those that did not."""
+    failed: dict[str, str] = {}
+    for key, value in values.items():
+        try:
+            assign(key, value)
+        except Exception as exc:
+            failed[key] = _why_not(None, exc)
+    if failed:
+        raise ValueError("; ".join(f"{key}: {reason}" for key, reason in failed.items()))
+
+
+def _changed_rc_params(mpl: Any) -> dict[str, Any] | None:
+    """rcParams that differ from matplotlib's defaults, read raw: reading ``backend``
+    through rcParams would pick a backend (and import pyplot); the backend is kept apart."""
+    defaults = mpl.rcParamsDefault
+    changed = {
+        key: value
+        for key, value in dict.items(mpl.rcParams)
+        if not key.startswith("backend") and not _same(value, dict.get(defaults, key))
+    }
+    return changed or None
+
+
+def _set_rc_params(mpl: Any, changed: dict[str, Any]) -> None:
+    _set_each(mpl.rcParams.__setitem__, changed)
+
+
+def _changed_pandas_options(pd: Any) -> dict[str, Any] | None:
+    """Options set away from their defaults (deprecated ones warn when read: skipped)."""
+    config = sys.modules["pandas._config.config"]
+    deprecated = getattr(config, "_deprecated_options", {})
+    changed = {}
+    for key, option in config._registered_options.items():
+        if key not in deprecated:
+            value = pd.get_option(key)
+            if not _same(value, option.defval):
+                changed[key] = value
+    return changed or None
+
+
+def _set_pandas_options(pd: Any, changed: dict[str, Any]) -> None:
+    _set_each(pd.set_option, changed)
+
+
+def _set_warning_filters(module: Any, filters: list[tuple[Any, ...]]) -> None:
+    module.resetwarnings()  # also forgets which warnings were already shown under the old filters
+    module.filters.extend(filters)
+
+
+def _logger_levels(logging: Any) -> dict[str, int]:
+    """The root logger's level and those of loggers given one (``""`` is the root)."""
+    levels = {"": logging.root.level}
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return levels
+
+
+def _set_logger_levels(logging: Any, levels: dict[str, int]) -> None:
+    _set_each(lambda name, level: logging.getLogger(name or None).setLevel(level), levels)
+
+
+# State kept inside modules, saved with the variables when the module was imported:
+# (name in ``lost``, module, read it from the module or None if at its default, set it).
+_MODULE_STATE: tuple[tuple[str, str, Callable[[Any], Any], Callable[[Any, Any], None]], ...] = (
+    ("random state", "random", lambda r: r.getstate(), lambda r, s: r.setstate(s)),
+    ("numpy.random state", "numpy.random", lambda r: r.get_state(), lambda r, s: r.set_state(s)),
+    ("matplotlib.rcParams", "matplotlib", _changed_rc_params, _set_rc_params),
+    ("pandas options", "pandas", _changed_pandas_options, _set_pandas_options),
+    ("warnings filters", "warnings", lambda module: list(module.filters), _set_warning_filters),
+    ("logging levels", "logging", _logger_levels, _set_logger_levels),
+)
+
+
+def _module_state() -> tuple[dict[_Key, Any], dict[_Key, str]]:
+    """The state of the imported modules of :data:`_MODULE_STATE`, and what could not be read.
+
+    A module not imported is left alone: reading its state would import it.
+    """
+    state: dict[_Key, Any] = {}
+    failures: dict[_Key, str] = {}
+    for name, module, read, _ in _MODULE_STATE:
+        if module not in sys.modules:
+            continue
+        try:
+            value = read(sys.modules[module])
+        except Exception as exc:
+            failures[("state", name)] = f"could not be read: {_why_not(None, exc)}"
+            continue
+        if value is not None:
+            state[("state", name)] = value
+    return state, failures
+
+
+def _restore_module_state(items: dict[_Key, Any], lost: list[dict[str, str]]) -> None:
+    """Set the module state that was saved and loaded; what does not take is lost."""
+    for name, module, _, apply in _MODULE_STATE:
+        if ("state", name) in items:
+            try:
+                apply(importlib.import_module(module), items[("state", name)])
+            except Exception as exc:
+                reason = f"could not be restored: {_why_not(None, exc)}"
+                lost.extend(_lost("state", name, "", reason))
+
+
 def _matplotlib_backend() -> str | None:
     """The backend in use, if pyplot was imported (before that there is none to keep)."""
     if "matplotlib.pyplot" not in sys.modules:
@@ -397,7 +523,10 @@ def save(directory: str) -> dict[str, Any]:
     with _quiet():
         variables, modules = _namespace(shell)
         items = _items(shell, variables)
+        state_items, unread = _module_state()
+        items.update(state_items)
         entries, failures, size = _pickle(directory, items, shell.user_module)
+        failures.update(unread)
         history = shell.history_manager
         state = {
             "format": _FORMAT,
@@ -413,9 +542,9 @@ def save(directory: str) -> dict[str, Any]:
         }
         size += _write_json(directory, STATE, state)
         lost = [
-            {"name": key[1], "type": _type_name(variables[key[1]]), "reason": reason}
-            for key, reason in failures.items()
-            if key[0] == "var"
+            entry
+            for (kind, name), reason in failures.items()
+            for entry in _lost(kind, name, _type_name(items.get((kind, name))), reason)
         ]
         summary = {
             "variables": sorted(name for name in variables if ("var", name) not in failures),
@@ -446,6 +575,23 @@ def _restore_process(state: dict[str, Any], problems: list[str]) -> None:
             problems.append(f"import {name} failed: {_why_not(None, exc)}")
 
 
+class _Blocked(Exception):
+    """A value was not loaded because one it shares objects with did not load."""
+
+    def __init__(self, culprits: list[int]) -> None:
+        super().__init__(culprits)
+        self.culprits = culprits
+
+
+def _missing_name(exc: Exception, main: types.ModuleType) -> str | None:
+    """The name a value failed on that the namespace lacks yet (an imported function that a
+    class's ``__init__`` calls, restored later in the stream), or None."""
+    name = getattr(exc, "name", None) if isinstance(exc, (NameError, AttributeError)) else None
+    if not isinstance(name, str) or name in main.__dict__ or hasattr(builtins, name):
+        return None
+    return name
+
+
 def _unpickle(
     directory: str,
     main: types.ModuleType,
@@ -454,59 +600,95 @@ def _unpickle(
 ) -> dict[_Key, Any]:
     """Every value that loads; one that does not is lost with those that share its objects.
 
-    The fast C unpickler reads the stream until a value fails; the pure-Python
-    one, given its memo, carries on from the next value.
+    Each variable goes into the namespace as soon as it loads, so the values
+    after it find it; a value that failed on a name the namespace lacked, and
+    those sharing its objects, are tried again once the name is there. The fast
+    C unpickler reads the stream until a value fails; the pure-Python one,
+    given its memo, carries on from the next value and does the retries.
     """
     items: dict[_Key, Any] = {}
-    failed: dict[int, str] = {}
+    failed: dict[int, Exception] = {}
+    missing: dict[int, str | None] = {}
     feed = _Feed()
-    offset = 0
+    offsets = list(itertools.accumulate((sum(e["buffers"]) for e in entries), initial=0))
     with (
         open(os.path.join(directory, _PICKLE), "rb") as f,
         open(os.path.join(directory, _DATA), "rb") as data,
     ):
+
+        def attempt(index: int, unpickler: Any) -> None:
+            entry = entries[index]
+            feed.read(data, offsets[index], entry["buffers"])
+            value = unpickler.load()
+            items[(entry["kind"], entry["name"])] = value
+            if entry["kind"] == "var":
+                main.__dict__[entry["name"]] = value
+
         unpickler: Any = dill.Unpickler(f, buffers=feed, ignore=True)
         unpickler._main = main  # globals of functions pickled by reference to __main__
         for index, entry in enumerate(entries):
-            kind, name = entry["kind"], entry["name"]
-            culprits = [failed[i] for i in entry["after"] if i in failed]
             try:
+                culprits = [i for i in entry["after"] if i in failed]
                 if culprits:
-                    raise LookupError(
-                        f"shares objects with {', '.join(culprits)}, which did not load"
-                    )
+                    raise _Blocked(culprits)
                 if isinstance(unpickler, _Unpickler):
                     f.seek(entry["offset"])
-                feed.read(data, offset, entry["buffers"])
-                items[(kind, name)] = unpickler.load()
+                attempt(index, unpickler)
             except Exception as exc:
-                if _out_of_memory(exc):
-                    first_line = (str(exc) or type(exc).__name__).splitlines()[0]
-                    raise MemoryError(
-                        f"{_label(kind, name)} did not fit in the memory free now ({first_line}). "
-                        "Nothing was lost: free memory (GPU memory, for a tensor on the GPU) "
-                        "and wake the kernel again"
-                    ) from exc
-                failed[index] = _label(kind, name)
+                _raise_if_out_of_memory(exc, _label(entry["kind"], entry["name"]))
+                failed[index], missing[index] = exc, _missing_name(exc, main)
                 if not isinstance(unpickler, _Unpickler):
                     unpickler = _Unpickler(f, feed, main, unpickler.memo.copy())
                 unpickler.memo.update((i, None) for i in range(len(unpickler.memo), entry["memo"]))
-                if kind == "var":
-                    reason = (
-                        str(exc) if culprits else f"could not be unpickled: {_why_not(None, exc)}"
-                    )
-                    lost.append({"name": name, "type": entry["type"], "reason": reason})
-            offset += sum(entry["buffers"])
+        retried = True
+        while retried:
+            retried = False
+            for index in sorted(failed):
+                exc, entry = failed[index], entries[index]
+                blocked = isinstance(exc, _Blocked) and failed.keys().isdisjoint(exc.culprits)
+                if not (blocked or missing[index] in main.__dict__):
+                    continue
+                start = entries[index - 1]["memo"] if index else 0  # memo numbers follow on
+                retry = _Unpickler(f, feed, main, {i: unpickler.memo[i] for i in range(start)})
+                f.seek(entry["offset"])
+                try:
+                    attempt(index, retry)
+                except Exception as again:
+                    _raise_if_out_of_memory(again, _label(entry["kind"], entry["name"]))
+                    failed[index], missing[index] = again, _missing_name(again, main)
+                    continue
+                unpickler.memo.update(retry.memo)
+                del failed[index]
+                retried = True
+    for index, exc in sorted(failed.items()):
+        entry = entries[index]
+        if isinstance(exc, _Blocked):
+            labels = [
+                _label(entries[i]["kind"], entries[i]["name"]) for i in exc.culprits if i in failed
+            ]
+            reason = f"shares objects with {', '.join(labels)}, which did not load"
+        else:
+            reason = f"could not be unpickled: {_why_not(None, exc)}"
+        lost.extend(_lost(entry["kind"], entry["name"], entry["type"], reason))
     return items
 
 
-def _out_of_memory(exc: Exception) -> bool:
-    """Whether a value failed to load for lack of memory, host or GPU (torch's and CuPy's
-    OutOfMemoryError): unlike a missing module, waking later may succeed, so the wake
-    fails and keeps the image rather than lose the value."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return "out of memory" in str(exc).lower()  # "CUDA error: out of memory", a RuntimeError
+def _raise_if_out_of_memory(exc: Exception, label: str) -> None:
+    """Lack of memory, host or GPU (torch's and CuPy's OutOfMemoryError), fails the wake:
+    unlike a missing module, waking later may succeed, so the image is kept rather than
+    the value lost."""
+    if not (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "out of memory" in str(exc).lower()  # "CUDA error: out of memory", a RuntimeError
+    ):
+        return
+    first_line = (str(exc) or type(exc).__name__).splitlines()[0]
+    raise MemoryError(
+        f"{label} did not fit in the memory free now ({first_line}). "
+        "Nothing was lost: free memory (GPU memory, for a tensor on the GPU) "
+        "and wake the kernel again"
+    ) from exc
 
 
 def _restore_history(shell: Any, state: dict[str, Any], items: dict[_Key, Any]) -> None:
@@ -544,15 +726,16 @@ def _restore_matplotlib(shell: Any, backend: str | None, problems: list[str]) ->
 def _notice(lost: list[dict[str, str]], problems: list[str]) -> str:
     """What the first cell after a load tells the user, even if nothing was lost.
 
-    Even then the kernel is a new process: threads, comms and state inside
-    imported modules (random generators, library options) did not come back.
+    Even then the kernel is a new process: threads, comms and the state inside
+    imported modules beyond :data:`_MODULE_STATE` did not come back.
     """
     text = "kernelhib: this kernel was restored from a dill snapshot into a new process."
     if lost:
         text += " Not kept: " + ", ".join(f"{e['name']} ({e['reason']})" for e in lost) + "."
     text += (
         " Threads, comms and widgets, open handles and state held inside imported modules"
-        " (random generators, library options) are gone."
+        " (other than random streams, matplotlib and pandas options, warning filters and"
+        " logging levels) are gone."
     )
     return "\n".join([text, *(f"kernelhib: {problem}" for problem in problems)])
 
@@ -604,5 +787,6 @@ def load(directory: str) -> dict[str, Any]:
         _restore_history(shell, state, items)
         shell.execution_count = summary["execution_count"] + 1
         _restore_matplotlib(shell, state["matplotlib"], problems)
+        _restore_module_state(items, lost)
         _announce(shell, _notice(lost, problems))
     return {"lost": lost, "restored": sorted(namespace), "warnings": problems}
