@@ -578,3 +578,21 @@ def test_module_state_imports_nothing_the_user_did_not(
     assert loaded["lost"] == []
     imported = "[m for m in ('numpy', 'pandas', 'matplotlib') if m in __import__('sys').modules]"
     assert kernel.value(imported) == []
+
+
+def test_module_state_that_cannot_be_kept_is_listed_as_lost(
+    tmp_path: Path, kernels: list[Kernel]
+) -> None:
+    code = (
+        "import threading, warnings\n"
+        "class Noisy(UserWarning):\n"
+        "    guard = threading.Lock()\n"
+        "warnings.simplefilter('ignore', Noisy)"
+    )
+    saved, loaded, _ = save_then_load(tmp_path, kernels, code)
+    reason = "refers to a _thread.lock (thread or lock: the threads that used it are gone)"
+    assert saved["lost"] == [
+        {"name": "Noisy", "type": "type", "reason": reason},
+        {"name": "warnings filters", "type": "module state", "reason": reason},
+    ]
+    assert loaded["lost"] == saved["lost"]
