@@ -100,7 +100,18 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
     hasText: 'Hibernated the kernel of hibernate.ipynb'
   });
   await expect(toast).toBeVisible();
-  await toast.screenshot({ path: path.join(SCREENSHOTS, 'notification.png') });
+  // The toast closes itself after a few seconds, and was often gone before it could
+  // be photographed; the notification center keeps it, for the screenshot.
+  const center = page.locator('.jp-Notification-Center');
+  await page.locator('.jp-Notification-Status').click();
+  await expect(
+    center.getByText(/^Hibernated the kernel of hibernate\.ipynb/)
+  ).toBeVisible();
+  await center.screenshot({
+    path: path.join(SCREENSHOTS, 'notification.png'),
+    animations: 'disabled'
+  });
+  await page.locator('.jp-Notification-Status').click();
   await shootToolbar(page, 'hibernated');
 
   // The server agrees, and opening the panel does not wake the kernel.
