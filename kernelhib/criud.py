@@ -55,8 +55,7 @@ from .engines.criu import CriuEngine, _CliDriver, _import_pycriu
 from .engines.criu_install import locate_criu
 from .engines.criu_service import MAX_REQUEST, Refusal, ServiceError
 from .image_store import ImageError, ImageStore
-from .journal import process_start
-from .kernel_process import KernelProcess, namespace_init, process_tree
+from .kernel_process import KernelProcess, namespace_init, proc_fields, process_start, process_tree
 from .paths import private_dir
 
 log = logging.getLogger("kernelhib.criud")
@@ -130,14 +129,6 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def _status(path: Path) -> dict[str, str]:
-    fields = {}
-    for line in path.read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
-
-
 def users_processes(init: int) -> list[int]:
     """The processes of a kernel's namespace but its init: the kernel, what it started,
     and orphans the init adopted. All must be the user's."""
@@ -152,7 +143,7 @@ def credentials_problem(pids: list[int], user: User) -> str:
     try:
         for process in pids:
             for task in Path(f"/proc/{process}/task").iterdir():
-                fields = _status(task / "status")
+                fields = proc_fields(task / "status")
                 uids = {int(u) for u in fields["Uid"].split()}
                 gids = {int(g) for g in fields["Gid"].split()}
                 groups = {int(g) for g in fields["Groups"].split()}
@@ -180,7 +171,7 @@ def _held_files(pids: list[int]) -> Iterator[tuple[str, str, int]]:
         for fd in (proc / "fd").iterdir():
             target = os.readlink(fd)
             if target.startswith("/"):
-                flags = _status(proc / "fdinfo" / fd.name)["flags"]
+                flags = proc_fields(proc / "fdinfo" / fd.name)["flags"]
                 yield f"{target} (fd {fd.name} of {process})", str(fd), int(flags, 8)
         for line in (proc / "maps").read_text().splitlines():
             fields = line.split(maxsplit=5)
@@ -292,7 +283,7 @@ def _continue(pid: int) -> None:
 
 def _ns_pid(pid: int) -> int:
     """The pid of a process in its own pid namespace."""
-    return int(_status(Path(f"/proc/{pid}/status"))["NSpid"].split()[-1])
+    return int(proc_fields(Path(f"/proc/{pid}/status"))["NSpid"].split()[-1])
 
 
 class Service:
@@ -503,7 +494,7 @@ class Service:
         wholly the user's with no capabilities. '' if it is."""
         try:
             exe = os.readlink(f"/proc/{init}/exe")
-            fields = _status(Path(f"/proc/{init}/status"))
+            fields = proc_fields(Path(f"/proc/{init}/status"))
         except OSError as exc:
             return f"cannot inspect the namespace's init: {exc}"
         if exe != os.path.realpath(self._tools["sh"]):

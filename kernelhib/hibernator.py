@@ -36,8 +36,8 @@ from .engines.criu_service import CriuService
 from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
-from .journal import process_start, server_id
-from .kernel_process import gpu_memory, tree_memory
+from .journal import server_id
+from .kernel_process import gpu_memory, process_start, tree_memory
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 from .recovery import boot_ticks, recover

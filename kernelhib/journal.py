@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .disk_io import fsync
+from .kernel_process import process_start
 from .paths import private_dir
 
 RUNNING = "running"
@@ -55,16 +56,6 @@ def server_id(pid: int | None = None) -> str:
     """A server's identity that a later process with the same pid does not share."""
     pid = pid or os.getpid()
     return f"{pid}:{process_start(pid)}"
-
-
-def process_start(pid: int) -> int:
-    """When a process started, in clock ticks since boot; 0 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    # The command name, in parentheses, may hold spaces: fields count from its end.
-    return int(stat.rpartition(")")[2].split()[19])
 
 
 class Journal:

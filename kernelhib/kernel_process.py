@@ -36,18 +36,53 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def proc_fields(path: Path) -> dict[str, str]:
+    """The ``Key: value`` lines of a /proc file (``status``, ``fdinfo/N``) as a dict.
+
+    OSError if the process is gone.
+    """
+    fields = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def process_start(pid: int) -> int:
+    """When a process started, in clock ticks since boot; 0 if it is gone.
+
+    With the pid, it names one process: a later process with the same pid
+    started later.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # The command name, in parentheses, may hold spaces: fields count from its end.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
 def _private_memory(pid: int) -> int:
     """Anonymous and shared-memory pages: what the process alone holds.
 
     Its file-backed pages (Python, shared libraries) stay in the page cache
     after it ends, so counting them would overstate what hibernation frees.
     """
-    total = 0
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("RssAnon:", "RssShmem:")):
-                total += int(line.split()[1]) * 1024
-    return total
+    try:
+        fields = proc_fields(Path(f"/proc/{pid}/status"))
+    except OSError:
+        return 0
+    return sum(
+        int(fields[key].split()[0]) * 1024 for key in ("RssAnon", "RssShmem") if key in fields
+    )
+
+
+def traced(pid: int) -> bool:
+    """Whether a tracer (CRIU, checkpointing it) holds the process."""
+    try:
+        return proc_fields(Path(f"/proc/{pid}/status")).get("TracerPid", "0") != "0"
+    except OSError:
+        return False
 
 
 def tree_memory(pid: int) -> int:

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .journal import HIBERNATING, Entry, Journal, process_start
+from .journal import HIBERNATING, Entry, Journal
+from .kernel_process import process_start, traced
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,6 @@ def kernel_processes(kernel_id: str, started_before: int | None = None) -> list[
     return found
 
 
-def _traced(pid: int) -> bool:
-    """Whether a tracer (CRIU dumping it) still holds the process."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("TracerPid:"):
-                return line.split()[1] != "0"
-    return False
-
-
 def _signal(pids: Iterable[int], signum: int) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -69,7 +61,7 @@ def _signal(pids: Iterable[int], signum: int) -> None:
 def _let_run(pids: list[int], patience: float) -> None:
     """Continue a kernel left frozen, once CRIU has let go of it (a dump runs to its end)."""
     deadline = time.monotonic() + patience
-    while any(_traced(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(traced(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal(pids, signal.SIGCONT)
 

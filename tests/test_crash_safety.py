@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from kernelhib.kernel_process import traced
 from kernelhib.recovery import kernel_processes
 
 from .conftest import ServerProcess
@@ -41,13 +42,9 @@ async def until(condition: Any, timeout: float, what: str, interval: float = 0.0
         await asyncio.sleep(interval)
 
 
-def traced(kernel_id: str) -> bool:
+def criu_holds(kernel_id: str) -> bool:
     """Whether CRIU holds one of the kernel's processes (it is dumping it)."""
-    for pid in kernel_processes(kernel_id):
-        status = Path(f"/proc/{pid}/status").read_text()
-        if "TracerPid:\t0" not in status:
-            return True
-    return False
+    return any(traced(pid) for pid in kernel_processes(kernel_id))
 
 
 def pages_written(server: ServerProcess, size: int = 64 << 20) -> bool:
@@ -125,7 +122,7 @@ async def test_server_killed_at_each_step_loses_no_kernel(
         first.api("POST", "kernels", kernel_id, action, body={} if waking else {"engine": "criu"})
     )
     if step == "dump":
-        await until(lambda: traced(kernel_id), 30, "CRIU dumps the kernel")
+        await until(lambda: criu_holds(kernel_id), 30, "CRIU dumps the kernel")
     elif step == "page write":
         await until(lambda: pages_written(first), 30, "CRIU writes memory pages")
     else:
