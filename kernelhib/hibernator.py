@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import subprocess
 import sys
@@ -907,10 +908,10 @@ class KernelHibernator(LoggingConfigurable):
                 self.log.error("Cannot adopt kept kernel %s: %s", entry.kernel_id, exc)
                 continue
             km = self.kernel_manager.get_kernel(entry.kernel_id)
+            # Ours now: it dies with this server, as a running kernel does.
             self.store.journal.write(
-                journal.Entry(entry.kernel_id, self.server_id, journal.RUNNING, entry.pid,
-                              entry.pid_start, entry.facts)
-            )  # fmt: skip
+                dataclasses.replace(entry, server=self.server_id, state=journal.RUNNING)
+            )
             self.record(
                 entry.kernel_id
             ).error = "the server stopped during this kernel's hibernation; it runs on"
