@@ -96,12 +96,9 @@ test('hibernate from the toolbar, then a cell wakes the kernel with its variable
   await expect(page.locator('.jp-kernelhib-StatusItem')).toHaveText(
     /^Hibernated \| [\d.]+ \w*B freed$/
   );
-  const toast = page.locator('.Toastify__toast', {
-    hasText: 'Hibernated the kernel of hibernate.ipynb'
-  });
-  await expect(toast).toBeVisible();
-  // The toast closes itself after a few seconds, and was often gone before it could
-  // be photographed; the notification center keeps it, for the screenshot.
+  // The notification's toast closes itself after a few seconds, and under load it
+  // was gone before it could be checked (CI, stop 13); the notification center
+  // keeps every notification, so the check and the screenshot are made there.
   const center = page.locator('.jp-Notification-Center');
   await page.locator('.jp-Notification-Status').click();
   await expect(
