@@ -212,9 +212,10 @@ async def start_idle(server: ServerProcess) -> str:
 
 
 async def run_a_long_cell(server: ServerProcess, kernel_id: str) -> None:
-    """Make a kernel busy, for a minute."""
+    """Make a kernel busy for ten minutes: longer than any test, however slow the machine
+    (a minute ran out under load before a frozen cell was checked still busy)."""
     channel = await server.open_channel(kernel_id)
-    channel.send("execute_request", {"code": "import time; time.sleep(60)"})
+    channel.send("execute_request", {"code": "import time; time.sleep(600)"})
     await wait_for_state(server.api, kernel_id, "busy")
 
 
