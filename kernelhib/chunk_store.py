@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import zstandard
@@ -71,6 +71,7 @@ _MIX = np.array(
 )  # fmt: skip
 _IO_THREADS = 8  # chunk writes wait on fsync, not on the CPU
 _CACHED_CHUNKS = 8
+_READ = 1 << 20
 
 
 class ChunkError(RuntimeError):
@@ -519,3 +520,71 @@ def _ready(item: Future[bytes] | int, zero_block: int) -> Iterator[bytes]:
             item -= zero_block
     else:
         yield item.result()
+
+
+class StreamedImage:
+    """An engine's image files as they stream in or out: bulk files (``chunked(name)``)
+    as chunks in the store, the rest as plain files in ``directory``.
+
+    Both ends of the CRIU streamer (``engines.criu_stream``): an ``ImageSink`` on
+    dump and an ``ImageSource`` on restore. On restore the plain files must
+    have been checked against the signed manifest first; the chunked ones are
+    checked chunk by chunk as they are read.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        directory: Path,
+        chunked: Callable[[str], bool],
+        files: dict[str, ChunkedFile] | None = None,
+    ) -> None:
+        self.store = store
+        self.directory = Path(directory)
+        self.chunked = chunked
+        self.files: dict[str, ChunkedFile] = dict(files or {})
+        self.stats = WriteStats()
+        self._lock = threading.Lock()
+
+    def receive(self, name: str, stream: BinaryIO) -> None:
+        """Store one file read from ``stream`` to its end."""
+        _plain_name(name)
+        if not self.chunked(name):
+            fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                while block := stream.read(_READ):
+                    out.write(block)
+            return
+        writer = self.store.writer()
+        while block := stream.read(_READ):
+            writer.write(block)
+        file = writer.close()
+        with self._lock:
+            self.files[name] = file
+            for counter, value in vars(writer.stats).items():
+                setattr(self.stats, counter, getattr(self.stats, counter) + value)
+
+    def open(self, name: str) -> Iterable[bytes] | None:
+        """A file's verified bytes, in order; None if the image has none of that name."""
+        _plain_name(name)
+        if name in self.files:
+            return self.files[name].blocks()
+        if self.chunked(name):
+            return None  # never a bulk file from the directory: only chunks are verified here
+        try:
+            fd = os.open(self.directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        return _file_blocks(fd)
+
+
+def _plain_name(name: str) -> None:
+    """CRIU names image files plainly; anything else would leave the directory."""
+    if not name or "/" in name or name.startswith("."):
+        raise ChunkError(f"refusing image file name {name!r}")
+
+
+def _file_blocks(fd: int) -> Iterator[bytes]:
+    with os.fdopen(fd, "rb") as f:
+        while block := f.read(_READ):
+            yield block
