@@ -53,11 +53,12 @@ CHUNKS_DIR = ".chunks"
 _LOCK = "lock"
 _TMP_PREFIX = ".tmp-"
 _RAW, _ZSTD = 0, 1  # the header byte of a chunk file
-# zstd level 1: on CRIU page files of a pandas kernel it compresses 4-6x at
-# ~0.7 GB/s per core; levels 2-3 gained <10 % ratio for 30-50 % more CPU
-# (docs/image-format.md). Stored raw unless it saves at least 1/21 (ratio 1.05).
+# zstd level 1: on a pandas kernel's CRIU page file, ratio 9.7; level 3 gained 4 %
+# of ratio for 27 % more CPU (docs/image-format.md). Stored raw unless it saves at
+# least 1/21 (ratio 1.05).
 _LEVEL = 1
 _WORTH = 1.05
+_SAMPLE = 8 << 10
 # Chunks of 16-256 pages (64 KiB-1 MiB), 64 pages (256 KiB) on average; runs of
 # at least 16 zero pages are chunks of their own.
 _MIN_PAGES, _AVG_PAGES, _MAX_PAGES = 16, 64, 256
@@ -113,7 +114,8 @@ def _zero_pages(pages: np.ndarray, fingerprints: np.ndarray) -> np.ndarray:
     """Which pages are all zeros; only pages whose sampled words are zero are read whole."""
     zero = fingerprints == 0
     for start, end in _runs(zero):
-        zero[start:end] = ~pages[start:end].any(axis=1)
+        if pages[start:end].any():  # whole runs of zeros are the common case: one pass
+            zero[start:end] = ~pages[start:end].any(axis=1)
     return zero
 
 
@@ -121,6 +123,10 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """The [start, end) runs of True in ``mask``."""
     edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
     return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+Chunk = memoryview | int
+"""A chunk's bytes, or the length of a run of zeros."""
 
 
 @dataclass
@@ -132,39 +138,64 @@ class Chunker:
     zero pages is a zero chunk. Each decision depends only on the pages since
     the last boundary, so the same pages give the same chunks wherever they
     are in the file, and the stream may arrive in pieces of any size.
+
+    Chunks are views of the bytes fed in, not copies (copying was most of the
+    chunker's cost); only a chunk that spans two pieces is joined. The uncut
+    pages at the end of a piece wait for the next, with their fingerprints.
     """
 
-    _pending: bytearray = field(default_factory=bytearray)
+    _tail: memoryview = field(default_factory=lambda: memoryview(b""))
+    _tail_fingerprints: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))
+    _tail_zero: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    _partial: bytes = b""  # bytes after the last whole page fed
     _in_zero_run: bool = False  # the last chunk given out was zeros, maybe continued
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[memoryview, bool]]:
-        """Add bytes; return the chunks now complete, as (bytes, is_zero)."""
-        self._pending += data
-        return self._cut(final=False)
+    def feed(self, data: bytes | memoryview) -> list[Chunk]:
+        """Add bytes (kept, not copied: do not change them); return the chunks now complete."""
+        return self._cut(memoryview(data).cast("B"), final=False)
 
-    def finish(self) -> list[tuple[memoryview, bool]]:
+    def finish(self) -> list[Chunk]:
         """The remaining chunks; a trailing partial page ends the last one."""
-        return self._cut(final=True)
+        return self._cut(memoryview(b""), final=True)
 
-    def _cut(self, final: bool) -> list[tuple[memoryview, bool]]:
-        bounds = self._bounds(final)
-        if final and len(self._pending) > (bounds[-1][1] if bounds else 0):
-            bounds.append((bounds[-1][1] if bounds else 0, len(self._pending), False))
-        chunks = [(memoryview(self._pending[a:b]), is_zero) for a, b, is_zero in bounds]
-        del self._pending[: bounds[-1][1] if bounds else 0]
+    def _cut(self, data: memoryview, final: bool) -> list[Chunk]:
+        if self._partial:  # only where pieces are not whole pages: join them
+            data = memoryview(self._partial + bytes(data))
+        whole = len(data) // PAGE
+        self._partial = bytes(data[whole * PAGE :])
+        data = data[: whole * PAGE]
+        pages = np.frombuffer(data, dtype=np.uint64).reshape(whole, PAGE // 8)
+        fresh = _fingerprints(pages)
+        fingerprints = np.concatenate((self._tail_fingerprints, fresh))
+        zero = np.concatenate((self._tail_zero, _zero_pages(pages, fresh)))
+        del pages
+        held = len(self._tail) // PAGE
+        tail = self._tail
+
+        def piece(start: int, end: int) -> memoryview:
+            if end <= held:
+                return tail[start * PAGE : end * PAGE]
+            if start >= held:
+                return data[(start - held) * PAGE : (end - held) * PAGE]
+            return memoryview(bytes(tail[start * PAGE :]) + bytes(data[: (end - held) * PAGE]))
+
+        bounds = self._bounds(fingerprints, zero, final)
+        chunks: list[Chunk] = [
+            (end - start) * PAGE if is_zero else piece(start, end) for start, end, is_zero in bounds
+        ]
+        done = bounds[-1][1] if bounds else 0
+        self._tail = piece(done, len(fingerprints))
+        self._tail_fingerprints, self._tail_zero = fingerprints[done:], zero[done:]
+        if final and self._partial:
+            chunks.append(memoryview(bytes(self._tail) + self._partial))
+            self._tail, self._partial = memoryview(b""), b""
         return chunks
 
-    def _bounds(self, final: bool) -> list[tuple[int, int, bool]]:
-        """The byte ranges of the chunks complete in the pending bytes, and whether
-        each is zeros; a trailing partial page is left to the caller."""
-        whole = len(self._pending) // PAGE
-        if not whole:
-            return []
-        pages = np.frombuffer(self._pending, dtype=np.uint64, count=whole * PAGE // 8)
-        pages = pages.reshape(whole, PAGE // 8)
-        fingerprints = _fingerprints(pages)
-        zero = _zero_pages(pages, fingerprints)
-        del pages  # no view may outlive this call: the buffer is resized after it
+    def _bounds(
+        self, fingerprints: np.ndarray, zero: np.ndarray, final: bool
+    ) -> list[tuple[int, int, bool]]:
+        """The page ranges of the chunks now complete, and whether each is zeros."""
+        whole = len(fingerprints)
         bounds: list[tuple[int, int, bool]] = []
         start = 0
         for run_start, run_end in _runs(zero):
@@ -172,14 +203,16 @@ class Chunker:
             if run_end - run_start < _MIN_ZERO_PAGES and not continued:
                 if run_end < whole or final:
                     continue  # a few zero pages inside data
-                break  # may grow into a zero run with the next pages
+                # They may grow into a zero run with the next pages: cut only what is certain.
+                _cut_data(fingerprints, start, run_start, False, bounds)
+                break
             start = _cut_data(fingerprints, start, run_start, True, bounds)
             bounds.append((run_start, run_end, True))
             start = run_end
         else:
             _cut_data(fingerprints, start, whole, final, bounds)
         self._in_zero_run = bool(bounds) and bounds[-1][2] and bounds[-1][1] == whole
-        return [(a * PAGE, b * PAGE, is_zero) for a, b, is_zero in bounds]
+        return bounds
 
 
 def _cut_data(
@@ -231,6 +264,7 @@ class ChunkStore:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._writing: dict[str, threading.Event] = {}
+        self._local = threading.local()  # a compressor per thread: each holds a context
 
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / digest[2:]
@@ -259,15 +293,13 @@ class ChunkStore:
         """
         return ChunkWriter(self)
 
-    def put(self, data: bytes | memoryview, is_zero: bool = False) -> tuple[str, int]:
+    def put(self, data: bytes | memoryview) -> tuple[str, int]:
         """Store one chunk unless the store has it; return its digest and the bytes written.
 
         Written to a temporary file, fsynced, then renamed: a chunk under its
         name is whole, so a later image may rely on it being there. The
         directory entry is made durable by :meth:`ChunkWriter.close`.
         """
-        if is_zero:
-            return ZERO, 0
         digest = blake3(data).hexdigest()
         path = self._path(digest)
         with self._cache_lock:  # a chunk repeated within a file is written once
@@ -283,11 +315,25 @@ class ChunkStore:
             with self._cache_lock:
                 self._writing.pop(digest).set()
 
+    def _compress(self, data: bytes | memoryview) -> bytes | None:
+        """The chunk compressed, or None where that does not pay.
+
+        Two samples are tried first: on random data (a ratio of 1.0) compressing
+        them costs 1/8 of compressing the chunk.
+        """
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
+        middle = len(data) // 2
+        sample = bytes(data[:_SAMPLE]) + bytes(data[middle : middle + _SAMPLE])
+        if len(data) > 8 * _SAMPLE and len(sample) < _WORTH * len(compressor.compress(sample)):
+            return None
+        compressed = compressor.compress(data)
+        return compressed if len(data) >= _WORTH * len(compressed) else None
+
     def _write(self, path: Path, data: bytes | memoryview) -> int:
-        compressed = zstandard.ZstdCompressor(level=self.level).compress(data)
-        header, body = (
-            (_ZSTD, compressed) if len(data) >= _WORTH * len(compressed) else (_RAW, data)
-        )
+        compressed = self._compress(data)
+        header, body = (_RAW, data) if compressed is None else (_ZSTD, compressed)
         path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -405,13 +451,14 @@ class ChunkWriter:
         self.stats = WriteStats()
         self._chunker = Chunker()
         self._pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="kernelhib-chunks")
-        self._pending: deque[tuple[Future[tuple[str, int]], int]] = deque()
+        self._pending: deque[tuple[Future[tuple[str, int]] | None, int]] = deque()
         self._refs: list[tuple[str, int]] = []
         self._dirs: set[str] = set()
         self._limit = readahead
 
     def write(self, data: bytes | memoryview) -> int:
-        self._submit(self._chunker.feed(data))
+        """Take ``data``: chunks are views of it, hashed later, so it must not change."""
+        self._submit(self._chunker.feed(data if isinstance(data, bytes) else bytes(data)))
         return len(data)
 
     def close(self) -> ChunkedFile:
@@ -430,18 +477,21 @@ class ChunkWriter:
                 os.close(fd)
         return ChunkedFile(self.store, tuple(self._refs))
 
-    def _submit(self, chunks: list[tuple[memoryview, bool]]) -> None:
-        for data, is_zero in chunks:
-            self.stats.bytes_in += len(data)
-            if is_zero:
-                self.stats.zero_bytes += len(data)
-            self._pending.append((self._pool.submit(self.store.put, data, is_zero), len(data)))
+    def _submit(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            if isinstance(chunk, int):
+                self.stats.bytes_in += chunk
+                self.stats.zero_bytes += chunk
+                self._pending.append((None, chunk))
+                continue
+            self.stats.bytes_in += len(chunk)
+            self._pending.append((self._pool.submit(self.store.put, chunk), len(chunk)))
             while len(self._pending) > self._limit:
                 self._collect()
 
     def _collect(self) -> None:
         future, length = self._pending.popleft()
-        digest, written = future.result()
+        digest, written = future.result() if future else (ZERO, 0)
         self.stats.chunks += 1
         if written:
             self.stats.new_chunks += 1

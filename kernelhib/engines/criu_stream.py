@@ -27,10 +27,10 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from .base import EngineError
 
@@ -124,7 +124,6 @@ class Streamer:
         self.sink = sink
         self.source = source
         self.path = Path(image_dir) / (CAPTURE_SOCKET if sink else SERVE_SOCKET)
-        self.files: list[str] = []  # in CRIU's order
         self._errors: list[BaseException] = []
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
@@ -162,7 +161,7 @@ class Streamer:
         self._listener.close()
         self.path.unlink(missing_ok=True)
 
-    def _guard(self, work, *args) -> None:  # type: ignore[no-untyped-def]
+    def _guard(self, work: Callable[..., None], *args: Any) -> None:
         try:
             work(*args)
         except BaseException as exc:  # reported by __exit__
@@ -184,7 +183,6 @@ class Streamer:
                 if body is None:
                     raise StreamError("CRIU closed the streamer socket in the middle of a request")
                 name = _parse_request(body)
-                self.files.append(name)
                 if self.sink is not None:
                     self._start(self._capture, name, _receive_fd(conn))
                     continue
@@ -194,9 +192,12 @@ class Streamer:
                 if blocks is not None:
                     self._start(self._send, name, blocks, _receive_fd(conn))
 
-    def _start(self, work, *args) -> None:  # type: ignore[no-untyped-def]
+    def _start(self, work: Callable[..., None], name: str, *args: Any) -> None:
         thread = threading.Thread(
-            target=self._guard, args=(work, *args), name=f"kernelhib-stream {args[0]}", daemon=True
+            target=self._guard,
+            args=(work, name, *args),
+            name=f"kernelhib-stream {name}",
+            daemon=True,
         )
         self._threads.append(thread)
         thread.start()
