@@ -468,7 +468,7 @@ class ChunkWriter:
             while self._pending:
                 self._collect()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.abort()
         for sub in sorted(self._dirs):
             fd = os.open(self.store.dir / sub, os.O_RDONLY)
             try:
@@ -476,6 +476,10 @@ class ChunkWriter:
             finally:
                 os.close(fd)
         return ChunkedFile(self.store, tuple(self._refs))
+
+    def abort(self) -> None:
+        """Stop storing: what was stored is left to garbage collection."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _submit(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
@@ -606,8 +610,12 @@ class StreamedImage:
                     out.write(block)
             return
         writer = self.store.writer()
-        while block := stream.read(_READ):
-            writer.write(block)
+        try:
+            while block := stream.read(_READ):
+                writer.write(block)
+        except BaseException:
+            writer.abort()
+            raise
         file = writer.close()
         with self._lock:
             self.files[name] = file

@@ -4,6 +4,7 @@ small change writes little, and a corrupt chunk fails the restore, named."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -11,12 +12,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from kernelhib.chunk_store import ChunkStore, StreamedImage
 from kernelhib.engines.criu import CriuEngine
-from kernelhib.engines.criu_stream import Streamer, StreamError
+from kernelhib.engines.criu_stream import ImageSink, Streamer, StreamError
 
 pytestmark = pytest.mark.criu
 
@@ -56,7 +58,7 @@ COMMON = ["--tcp-close", "--shell-job", "--ext-unix-sk", "--file-locks", "--stre
 class Dumped:
     store: ChunkStore
     images: list[StreamedImage]
-    digests: list[str]
+    digest: str  # of the data at the second dump
 
 
 def wait_report(path: Path, what: str, timeout: float = 60) -> str:
@@ -73,15 +75,17 @@ def wait_report(path: Path, what: str, timeout: float = 60) -> str:
     raise AssertionError(f"no {what!r} report in {timeout} s")
 
 
-def dump(criu: str, pid: int, store: ChunkStore, where: Path) -> StreamedImage:
-    """``criu dump --stream`` of ``pid`` into a new image; the process is left stopped."""
-    (where / "files").mkdir(parents=True)
-    image = StreamedImage(store, where / "files", CriuEngine.is_bulk)
+def dump(criu: str, pid: int, store: ChunkStore, where: Path, sink: ImageSink) -> None:
+    """``criu dump --stream`` of ``pid`` into ``sink``; the process is left stopped."""
     command = [criu, "dump", "-D", str(where), "-o", "dump.log", *COMMON, "--leave-stopped"]
-    with store.using(), Streamer(where, sink=image):
+    with store.using(), Streamer(where, sink=sink):
         done = subprocess.run([*command, "-t", str(pid)], capture_output=True)
     assert done.returncode == 0, (where / "dump.log").read_text()[-3000:]
-    return image
+
+
+def new_image(store: ChunkStore, where: Path) -> StreamedImage:
+    (where / "files").mkdir(parents=True)
+    return StreamedImage(store, where / "files", CriuEngine.is_bulk)
 
 
 def restore(criu: str, image: StreamedImage, where: Path) -> int:
@@ -100,31 +104,46 @@ def restore(criu: str, image: StreamedImage, where: Path) -> int:
     return int(pidfile.read_text())
 
 
+@dataclass
+class Holder:
+    pid: int
+    report: Path
+    root: Path
+
+
 @pytest.fixture(scope="module")
-def dumped(criu_path: str, tmp_path_factory: pytest.TempPathFactory):
-    """Two dumps of one data holder: as started, and after a cell changed 1 % of it."""
+def holder(criu_path: str, tmp_path_factory: pytest.TempPathFactory):
+    """The data holder, in its own pid namespace like a kernel, running."""
     root = tmp_path_factory.mktemp("stream")
     report = root / "report"
-    holder = subprocess.Popen(
+    unshare = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child", "setsid", sys.executable, "-c", HOLDER,
          str(report)],
         cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        digests = [wait_report(report, "ready")]
-        children = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text()
-        pid = int(children.split()[0])
-        (root / "store").mkdir()
-        store = ChunkStore(root / "store")
-        first = dump(criu_path, pid, store, root / "first")
-        os.kill(pid, signal.SIGCONT)
-        os.kill(pid, signal.SIGUSR1)
-        digests.append(wait_report(report, "changed"))
-        second = dump(criu_path, pid, store, root / "second")
+        wait_report(report, "ready")
+        children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text()
+        yield Holder(int(children.split()[0]), report, root)
     finally:
-        holder.kill()
-        holder.wait()
-    yield Dumped(store, [first, second], digests)
+        unshare.kill()
+        unshare.wait()
+
+
+@pytest.fixture(scope="module")
+def dumped(criu_path: str, holder: Holder):
+    """Two dumps of the holder: as started, and after a cell changed 1 % of its data."""
+    (holder.root / "store").mkdir()
+    store = ChunkStore(holder.root / "store")
+    first = new_image(store, holder.root / "first")
+    dump(criu_path, holder.pid, store, holder.root / "first", first)
+    os.kill(holder.pid, signal.SIGCONT)
+    os.kill(holder.pid, signal.SIGUSR1)
+    changed = wait_report(holder.report, "changed")
+    second = new_image(store, holder.root / "second")
+    dump(criu_path, holder.pid, store, holder.root / "second", second)
+    os.kill(holder.pid, signal.SIGCONT)
+    return Dumped(store, [first, second], changed)
 
 
 def test_memory_streams_into_chunks_and_restores_intact(
@@ -139,7 +158,7 @@ def test_memory_streams_into_chunks_and_restores_intact(
         report = Path(f"/proc/{pid}/cwd/report")
         os.kill(pid, signal.SIGCONT)
         os.kill(pid, signal.SIGUSR2)
-        assert wait_report(report, "checked") == dumped.digests[1]
+        assert wait_report(report, "checked") == dumped.digest
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -168,3 +187,26 @@ def test_a_corrupt_chunk_fails_the_restore_and_is_named(
             restore(criu_path, image, tmp_path / "restore")
     finally:
         chunk.write_bytes(original)
+
+
+class DiskFull:
+    """Fault injection: the store's disk fills up in the middle of the memory."""
+
+    def __init__(self, image: StreamedImage) -> None:
+        self.image = image
+
+    def receive(self, name: str, stream: BinaryIO) -> None:
+        if CriuEngine.is_bulk(name):
+            stream.read(1 << 20)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.image.receive(name, stream)
+
+
+def test_a_dump_the_store_cannot_take_fails_and_the_process_runs_on(
+    criu_path: str, holder: Holder, dumped: Dumped, tmp_path: Path
+) -> None:
+    sink = DiskFull(new_image(dumped.store, tmp_path))
+    with pytest.raises(StreamError, match="No space left on device"):
+        dump(criu_path, holder.pid, dumped.store, tmp_path, sink)
+    os.kill(holder.pid, signal.SIGUSR2)  # no SIGCONT: CRIU let it run on
+    assert wait_report(holder.report, "checked") == dumped.digest
