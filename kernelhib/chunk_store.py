@@ -59,9 +59,11 @@ _RAW, _ZSTD = 0, 1  # the header byte of a chunk file
 _LEVEL = 1
 _WORTH = 1.05
 _SAMPLE = 8 << 10
-# Chunks of 16-256 pages (64 KiB-1 MiB), 64 pages (256 KiB) on average; runs of
-# at least 16 zero pages are chunks of their own.
-_MIN_PAGES, _AVG_PAGES, _MAX_PAGES = 16, 64, 256
+# Chunks of 16-128 pages (64-512 KiB), about 70 pages (280 KiB) on average: a
+# boundary 1 in 64 pages after the minimum. The maximum bounds what a small change
+# rewrites around it: with 1 MiB, a 400 KiB change could rewrite 2.4 MiB.
+# Runs of at least 16 zero pages are chunks of their own.
+_MIN_PAGES, _AVG_PAGES, _MAX_PAGES = 16, 64, 128
 _MIN_ZERO_PAGES = 16
 # The words of a page the fingerprint reads: spread over the page, 8 of its 512.
 _SAMPLED = np.array([0, 67, 131, 199, 263, 331, 389, 457])

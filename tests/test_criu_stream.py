@@ -22,22 +22,24 @@ from kernelhib.engines.criu_stream import ImageSink, Streamer, StreamError
 
 pytestmark = pytest.mark.criu
 
-# A process like a kernel holding data: 40 MiB random, 40 MiB of touched zeros, 32 MiB of
+# A process like a kernel holding data: 160 MiB random, 40 MiB of touched zeros, 32 MiB of
 # repetitive text. SIGUSR1 rewrites 1 % of the random data, like a small cell; each
 # answer goes to the report file with the digest of all of it.
 HOLDER = r"""
 import hashlib, os, signal, sys, time
 MiB = 1 << 20
-random_data = bytearray(os.urandom(40 * MiB))
+random_data = bytearray(os.urandom(160 * MiB))
 zeros = bytearray(40 * MiB)
 for page in range(0, len(zeros), 4096):
     zeros[page] = 0
 text = bytearray(b"row,category-7,3.14159;" * (32 * MiB // 23))
 
 def report(what):
-    digest = hashlib.sha256(random_data + zeros + text).hexdigest()
+    digest = hashlib.sha256()
+    for data in (random_data, zeros, text):
+        digest.update(data)
     with open(sys.argv[1] + ".tmp", "w") as f:
-        f.write(f"{what} {digest}")
+        f.write(f"{what} {digest.hexdigest()}")
     os.rename(sys.argv[1] + ".tmp", sys.argv[1])
 
 def change(*_):
