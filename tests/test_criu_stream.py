@@ -180,8 +180,9 @@ def test_a_corrupt_chunk_fails_the_restore_and_is_named(
     files = {name: store.open(file.to_json()) for name, file in dumped.images[0].files.items()}
     image = StreamedImage(store, dumped.images[0].directory, CriuEngine.is_bulk, files)
     pages = max(image.files.values(), key=lambda file: file.size)
-    digest = next(d for d, _ in reversed(pages.refs) if d != "zero")  # read late
-    chunk = dumped.store.dir / digest[:2] / digest[2:]
+    chunks = [(d, dumped.store.dir / d[:2] / d[2:]) for d, _ in pages.refs if d != "zero"]
+    # A raw chunk (random data; header byte 0), read late: only its hash can tell.
+    digest, chunk = next((d, c) for d, c in reversed(chunks) if c.read_bytes()[0] == 0)
     original = chunk.read_bytes()
     chunk.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     try:
