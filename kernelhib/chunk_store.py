@@ -445,7 +445,7 @@ class ChunkWriter:
     """Chunks, hashes, compresses and stores one file as it is written.
 
     Chunks are stored by a few threads (hashing and compressing release the
-    GIL; writing waits on fsync), at most a few MiB ahead of the writer.
+    GIL; writing waits on fsync), at most 32 chunks (16 MiB) ahead of the writer.
     """
 
     def __init__(self, store: ChunkStore, readahead: int = 32) -> None:
