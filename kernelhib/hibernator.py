@@ -41,6 +41,8 @@ from .journal import server_id
 from .kernel_process import gpu_memory, process_start, tree_memory
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
+from .recomputer import MODES as RECOMPUTE_MODES
+from .recomputer import Recomputer
 from .recovery import boot_ticks, recover
 
 EVENT_SCHEMA_ID = "https://kernelhib.org/events/hibernation/v1"
@@ -73,6 +75,9 @@ class Reason(str, Enum):
     SHUTTING_DOWN = "shutting-down"
     RESTARTING = "restarting"
     INTERRUPTING = "interrupting"
+    RECOMPUTING = "recomputing"
+    NOTHING_TO_RECOMPUTE = "nothing-to-recompute"  # no lost name has a plan to run
+    RECOMPUTE_FAILED = "recompute-failed"  # a cell of the plan raised; the others did not run
 
 
 class HibernationError(RuntimeError):
@@ -127,6 +132,7 @@ class Operation(str, Enum):
     SHUTDOWN = Reason.SHUTTING_DOWN.value
     RESTART = Reason.RESTARTING.value
     INTERRUPT = Reason.INTERRUPTING.value
+    RECOMPUTE = Reason.RECOMPUTING.value
 
 
 @dataclass
@@ -144,6 +150,7 @@ class Hibernation:
     error: str = ""
     lost: list[dict[str, str]] = field(default_factory=list)  # what dill could not keep
     fallback_reason: str = ""  # why not CRIU, when 'auto' used dill
+    recompute: dict[str, Any] = field(default_factory=dict)  # the plan for lost (recomputer.py)
     # Wakes so far. A connection that saw an older epoch must prove its IOPub
     # subscription is live again before it forwards messages.
     epoch: int = 0
@@ -161,6 +168,7 @@ class Hibernation:
         self.execution_state = manifest.get("execution_state", "idle")
         self.lost = manifest.get("lost", [])
         self.fallback_reason = manifest.get("fallback_reason", "")
+        self.recompute = manifest.get("recompute", {})
 
     def model(self) -> dict[str, Any]:
         model: dict[str, Any] = {"state": self.state}
@@ -178,6 +186,8 @@ class Hibernation:
             model["lost"] = self.lost
         if self.fallback_reason:
             model["fallback_reason"] = self.fallback_reason
+        if self.recompute:
+            model["recompute"] = self.recompute
         if self.error:
             model["error"] = self.error
         return model
@@ -289,6 +299,16 @@ class KernelHibernator(LoggingConfigurable):
         "'no-space'), and the kernel runs on.",
     )
 
+    recompute = CaselessStrEnum(
+        list(RECOMPUTE_MODES),
+        default_value="offer",
+        config=True,
+        help="What to do when a dill hibernation or wake loses variables: 'offer' lists the "
+        "cells of the kernel's history that re-create each one, for the user to run with one "
+        "action; 'auto' runs them during the wake; 'off' only reports the loss. Cells that "
+        "write files or run shell commands are never run (see docs/engines.md).",
+    )
+
     kernel_manager = AnyTrait(help="The MappingKernelManager whose kernels this hibernates.")
     event_logger = Instance(EventLogger, allow_none=True)
 
@@ -306,6 +326,7 @@ class KernelHibernator(LoggingConfigurable):
         self._watchdog: subprocess.Popen[bytes] | None = None
         # Kernel id -> the estimated size of its image being written: room already taken.
         self._reserved: dict[str, int] = {}
+        self.recomputer = Recomputer(self.kernel_manager, self.log)
         metrics.watch(self.kept)
 
     @property
@@ -320,7 +341,9 @@ class KernelHibernator(LoggingConfigurable):
     def model(self, kernel_id: str) -> dict[str, Any] | None:
         """The ``hibernation`` object of a kernel's REST model; None while it simply runs."""
         record = self._records.get(kernel_id)
-        if record is None or (record.state == "running" and not record.error):
+        if record is None or (
+            record.state == "running" and not record.error and not record.recompute
+        ):
             return None
         return record.model()
 
@@ -609,6 +632,10 @@ class KernelHibernator(LoggingConfigurable):
                 if provisioner.pid:
                     meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, provisioner.pid)
                 meta["lost"] = await self._save_dill(km, staging)
+                if self.recompute != "off":  # recompute hook: the plan goes into the image
+                    meta["recompute"] = await self.recomputer.prepare(
+                        km.kernel_id, staging, meta["lost"]
+                    )
             try:
                 return await asyncio.to_thread(self.store.commit, staging, km.kernel_id, meta)
             except BaseException:
@@ -711,6 +738,8 @@ class KernelHibernator(LoggingConfigurable):
                     await asyncio.to_thread(self.store.discard, linked)
             else:
                 record.lost = await self._restore_dill(km, image.path)
+            if record.lost and self.recompute != "off":  # recompute hook: offer or run
+                await self._recompute_at_wake(km, image, record)
             try:
                 # The process is the kernel now, then the image is gone for good,
                 # before the wake is reported: whenever the server dies, or the
@@ -748,7 +777,7 @@ class KernelHibernator(LoggingConfigurable):
         self.count_running()
         self._ended(Operation.WAKE, kernel_id, record, record.engine, started)
         # Running again: a new record, so that nothing of this image shows any more.
-        self._records[kernel_id] = Hibernation(epoch=record.epoch + 1)
+        self._records[kernel_id] = Hibernation(epoch=record.epoch + 1, recompute=record.recompute)
         # The image holds every secret the kernel had: gone now, but without
         # making the user wait for a multi-GiB delete.
         self._later(asyncio.to_thread(self.store.discard, retired))
@@ -792,6 +821,56 @@ class KernelHibernator(LoggingConfigurable):
             await self._end_process(km)
             raise
         return result["lost"]
+
+    async def _recompute_at_wake(self, km: KernelManager, image: Image, record: Hibernation) -> None:
+        """Offer the plan for what the wake lost; with ``auto``, run it before the wake ends,
+        so the user's first request finds the names back."""
+        snapshot = image.path / DILL_SNAPSHOT if record.engine == self._criu.name else image.path
+        record.recompute = await self.recomputer.at_wake(
+            km.kernel_id, snapshot, record.recompute, record.lost
+        )
+        if self.recompute == "auto" and record.recompute.get("run"):
+            async with _client(km) as client:
+                record.recompute = await self.recomputer.run(
+                    client, record.recompute, self.snapshot_timeout
+                )
+            back = set(record.recompute["recomputed"])
+            record.lost = [entry for entry in record.lost if entry["name"] not in back]
+
+    async def recompute(self, kernel_id: str) -> dict[str, Any]:
+        """Run the cells that re-create the lost names of the last dill wake (the one action
+        of ``recompute = offer``); return the hibernation model, which says what came back."""
+        km = self._kernel(kernel_id)
+        async with self.operation(kernel_id, Operation.RECOMPUTE):
+            record = self.record(kernel_id)
+            if record.state != "running":
+                raise Conflict(
+                    f"kernel {kernel_id} is {record.state}: wake it first, the wake offers "
+                    "what to recompute",
+                    Reason(record.state),
+                )
+            if not record.recompute.get("run"):
+                raise Conflict(
+                    f"kernel {kernel_id} has nothing to recompute: no lost variable has a plan "
+                    "that may run (see 'recompute' in its hibernation model for why)",
+                    Reason.NOTHING_TO_RECOMPUTE,
+                )
+            async with _client(km) as client:
+                record.recompute = await self.recomputer.run(
+                    client, record.recompute, self.snapshot_timeout
+                )
+            failed = record.recompute.get("failed")
+            error = None
+            if failed:
+                error = HibernationError(
+                    f"cell [{failed['cell']}] failed while recomputing: {failed['error']}; "
+                    "the cells before it ran, the ones after it did not",
+                    Reason.RECOMPUTE_FAILED,
+                )
+            self._emit("recompute-failed" if error else "recompute", kernel_id, record, error and error.reason)
+            if error:
+                raise error
+            return record.model()
 
     def _later(self, work: Any) -> None:
         """Run ``work`` in the background, holding a reference until it is done."""
@@ -926,6 +1005,7 @@ class KernelHibernator(LoggingConfigurable):
         hibernation or wake of the kernel is in flight.
         """
         record = self._records.pop(kernel_id, None)
+        self.recomputer.forget(kernel_id)
         if record is None or record.state == "running":
             return
         km = self.kernel_manager.get_kernel(kernel_id)
