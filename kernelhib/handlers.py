@@ -102,7 +102,7 @@ class RecomputeHandler(_HibernationHandler):
     async def post(self, kernel_id: str) -> None:
         self._body()
         try:
-            await self.hibernator.recompute(kernel_id)
+            await self.hibernator.recompute_lost(kernel_id)
         except HibernationError as exc:
             raise self._fail(exc) from exc
         self._reply(kernel_id)

@@ -822,7 +822,9 @@ class KernelHibernator(LoggingConfigurable):
             raise
         return result["lost"]
 
-    async def _recompute_at_wake(self, km: KernelManager, image: Image, record: Hibernation) -> None:
+    async def _recompute_at_wake(
+        self, km: KernelManager, image: Image, record: Hibernation
+    ) -> None:
         """Offer the plan for what the wake lost; with ``auto``, run it before the wake ends,
         so the user's first request finds the names back."""
         snapshot = image.path / DILL_SNAPSHOT if record.engine == self._criu.name else image.path
@@ -837,7 +839,7 @@ class KernelHibernator(LoggingConfigurable):
             back = set(record.recompute["recomputed"])
             record.lost = [entry for entry in record.lost if entry["name"] not in back]
 
-    async def recompute(self, kernel_id: str) -> dict[str, Any]:
+    async def recompute_lost(self, kernel_id: str) -> dict[str, Any]:
         """Run the cells that re-create the lost names of the last dill wake (the one action
         of ``recompute = offer``); return the hibernation model, which says what came back."""
         km = self._kernel(kernel_id)
@@ -867,7 +869,12 @@ class KernelHibernator(LoggingConfigurable):
                     "the cells before it ran, the ones after it did not",
                     Reason.RECOMPUTE_FAILED,
                 )
-            self._emit("recompute-failed" if error else "recompute", kernel_id, record, error and error.reason)
+            self._emit(
+                "recompute-failed" if error else "recompute",
+                kernel_id,
+                record,
+                error and error.reason,
+            )
             if error:
                 raise error
             return record.model()

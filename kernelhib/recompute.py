@@ -32,14 +32,62 @@ _BUILTINS = frozenset(dir(builtins))
 
 # Magics that only display or configure the session: replaying them is harmless.
 _HARMLESS_MAGICS = frozenset(
-    "matplotlib load_ext reload_ext autoreload aimport config precision xmode colors pprint "
-    "who who_ls whos pwd env lsmagic magic pinfo pinfo2 pdoc pdef psource pfile psearch "
-    "history html markdown latex javascript js svg doctest_mode page timeit".split()
+    [
+        "matplotlib",
+        "load_ext",
+        "reload_ext",
+        "autoreload",
+        "aimport",
+        "config",
+        "precision",
+        "xmode",
+        "colors",
+        "pprint",
+        "who",
+        "who_ls",
+        "whos",
+        "pwd",
+        "env",
+        "lsmagic",
+        "magic",
+        "pinfo",
+        "pinfo2",
+        "pdoc",
+        "pdef",
+        "psource",
+        "pfile",
+        "psearch",
+        "history",
+        "html",
+        "markdown",
+        "latex",
+        "javascript",
+        "js",
+        "svg",
+        "doctest_mode",
+        "page",
+        "timeit",
+    ]
 )
 # Magics that run their code argument (line) or body (cell) in the user's namespace.
 _CODE_MAGICS = frozenset({"time", "capture"})
 _SHELL_MAGICS = frozenset(
-    "system sx sh bash script perl ruby python python2 python3 pypy pip conda mamba".split()
+    [
+        "system",
+        "sx",
+        "sh",
+        "bash",
+        "script",
+        "perl",
+        "ruby",
+        "python",
+        "python2",
+        "python3",
+        "pypy",
+        "pip",
+        "conda",
+        "mamba",
+    ]
 )
 _UNSAFE_MAGICS = {
     "run": "runs a script with %run, whose effects cannot be analysed",
@@ -54,19 +102,68 @@ _UNSAFE_MAGICS = {
 }
 # Calls that write files whatever they are called on, once given where to write.
 _FILE_WRITERS = frozenset(
-    "to_csv to_excel to_parquet to_feather to_hdf to_pickle to_stata to_sql to_json to_html "
-    "to_latex to_xml to_markdown to_orc savefig savez savez_compressed savetxt save tofile "
-    "write_text write_bytes mkdir makedirs rmdir rmtree unlink touch symlink_to hardlink_to "
-    "copyfile copy2 copytree".split()
+    [
+        "to_csv",
+        "to_excel",
+        "to_parquet",
+        "to_feather",
+        "to_hdf",
+        "to_pickle",
+        "to_stata",
+        "to_sql",
+        "to_json",
+        "to_html",
+        "to_latex",
+        "to_xml",
+        "to_markdown",
+        "to_orc",
+        "savefig",
+        "savez",
+        "savez_compressed",
+        "savetxt",
+        "save",
+        "tofile",
+        "write_text",
+        "write_bytes",
+        "mkdir",
+        "makedirs",
+        "rmdir",
+        "rmtree",
+        "unlink",
+        "touch",
+        "symlink_to",
+        "hardlink_to",
+        "copyfile",
+        "copy2",
+        "copytree",
+    ]
 )
 # Calls that write files or run processes when called on these modules.
 _MODULE_WRITERS = {
     "os": frozenset(
-        "remove unlink rename renames replace rmdir removedirs mkdir makedirs system popen "
-        "symlink link truncate chmod chown".split()
+        [
+            "remove",
+            "unlink",
+            "rename",
+            "renames",
+            "replace",
+            "rmdir",
+            "removedirs",
+            "mkdir",
+            "makedirs",
+            "system",
+            "popen",
+            "symlink",
+            "link",
+            "truncate",
+            "chmod",
+            "chown",
+        ]
     ),
-    "shutil": frozenset("copy copy2 copyfile copytree move rmtree make_archive".split()),
-    "subprocess": frozenset("run call check_call check_output Popen getoutput".split()),
+    "shutil": frozenset(
+        ["copy", "copy2", "copyfile", "copytree", "move", "rmtree", "make_archive"]
+    ),
+    "subprocess": frozenset(["run", "call", "check_call", "check_output", "Popen", "getoutput"]),
 }
 _WRITE_MODES = re.compile(r"[wax+]")
 # Methods called for their effect on the object (an expression statement) modify it.
@@ -155,7 +252,9 @@ class _Names(ast.NodeVisitor):
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         for alias in node.names:
             if alias.name == "*":
-                self.refusals.append(f"imports * from {node.module}: the names it binds are unknown")
+                self.refusals.append(
+                    f"imports * from {node.module}: the names it binds are unknown"
+                )
             else:
                 self.imports.add(alias.asname or alias.name)
         self.stores |= self.imports
@@ -188,9 +287,9 @@ class _Names(ast.NodeVisitor):
     def visit_Expr(self, node: ast.Expr) -> None:
         call = node.value
         # `model.fit(X)`, `items.append(x)`: called for its effect on the object.
-        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute):
-            if root := _root(call.func.value):
-                self.modified.add(root)
+        called = isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+        if called and (root := _root(call.func.value)):  # type: ignore[union-attr]
+            self.modified.add(root)
         self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:
@@ -199,11 +298,9 @@ class _Names(ast.NodeVisitor):
             self._ipython_call(func.attr, node.args)
         else:
             self._check_writes(node)
-            if isinstance(func, ast.Attribute) and any(
-                k.arg == _INPLACE and _literal(k.value) is True for k in node.keywords
-            ):
-                if root := _root(func.value):
-                    self.modified.add(root)
+            inplace = any(k.arg == _INPLACE and _literal(k.value) is True for k in node.keywords)
+            if inplace and isinstance(func, ast.Attribute) and (root := _root(func.value)):
+                self.modified.add(root)
         self.generic_visit(node)
 
     def _ipython_call(self, method: str, args: list[ast.expr]) -> None:

@@ -50,6 +50,20 @@ def _read_notebook(path: Path) -> list[tuple[int, str, int | None]]:
     ]
 
 
+def _match(history: list[str], code: list[tuple[int, str, int | None]]) -> dict[int, int]:
+    """Which notebook cell each history entry ran from: the cell showing its execution
+    count, else the last cell with its source (a notebook not saved since the run shows
+    no counts)."""
+    by_count = {count: index for index, _, count in code if count}
+    by_source = {source: index for index, source, _ in code}
+    cells = {}
+    for number, source in enumerate(history):
+        index = by_count.get(number, by_source.get(source))
+        if number and index is not None:
+            cells[number] = index
+    return cells
+
+
 def lost_names(lost: Iterable[dict[str, str]]) -> list[str]:
     """The lost variables a cell could re-create: module state is not a name."""
     return sorted(entry["name"] for entry in lost if entry.get("type") != "module state")
@@ -81,8 +95,7 @@ class Recomputer:
         notebook = await self._notebook(kernel_id)
         cells: dict[int, dict[str, Any]] = {}
         if notebook is not None:
-            by_count = {count: index for index, _, count in notebook[1] if count}
-            cells = {n: {"notebook_cell": i} for n, i in by_count.items()}
+            cells = {n: {"notebook_cell": i} for n, i in _match(history, notebook[1]).items()}
         known = self._ran.get(kernel_id, {})
         for number, when in known.items():
             cells.setdefault(number, {})["last_run"] = when
@@ -116,7 +129,9 @@ class Recomputer:
             offer["notebook"]["changed"] = await self._changed(offer["notebook"])
         return offer
 
-    async def _notebook(self, kernel_id: str) -> tuple[str, list[tuple[int, str, int | None]]] | None:
+    async def _notebook(
+        self, kernel_id: str
+    ) -> tuple[str, list[tuple[int, str, int | None]]] | None:
         """The notebook the kernel's session points at, and its code cells; None if none."""
         server = getattr(self.kernel_manager, "parent", None)
         sessions = getattr(server, "session_manager", None)

@@ -15,7 +15,9 @@ from kernelhib.recompute import (
 
 
 def test_a_cell_reads_the_names_it_uses_before_binding_them() -> None:
-    cell = analyse(1, "y = x + 1\nz = y * 2\nfor i in range(n):\n    total += i\nq = [k for k in z]")
+    cell = analyse(
+        1, "y = x + 1\nz = y * 2\nfor i in range(n):\n    total += i\nq = [k for k in z]"
+    )
     assert cell.reads == {"x", "n", "total"}
     assert cell.defines == {"y", "z", "i", "total", "q"}
     assert not cell.refused
@@ -28,7 +30,9 @@ def test_function_bodies_are_not_read_when_the_function_is_defined() -> None:
 
 
 def test_changing_an_object_in_place_needs_and_writes_it() -> None:
-    cell = analyse(1, "df['a'] = 1\nmodel.fit(X)\nitems.append(3)\nframe.drop(columns=['a'], inplace=True)")
+    cell = analyse(
+        1, "df['a'] = 1\nmodel.fit(X)\nitems.append(3)\nframe.drop(columns=['a'], inplace=True)"
+    )
     assert cell.modifies == {"df", "model", "items", "frame"}
     assert {"df", "model", "items", "frame", "X"} <= cell.needs
 
@@ -82,7 +86,12 @@ def test_a_cell_that_cannot_be_replayed_safely_says_why(source: str, reason: str
 
 @pytest.mark.parametrize(
     "source",
-    ["text = open('in.txt').read()", "data = open(p, 'rb').read()", "s = df.to_csv()", "t = s.replace('a', 'b')"],
+    [
+        "text = open('in.txt').read()",
+        "data = open(p, 'rb').read()",
+        "s = df.to_csv()",
+        "t = s.replace('a', 'b')",
+    ],
 )
 def test_reading_files_and_pure_calls_are_safe(source: str) -> None:
     assert not analyse(1, source).refused
