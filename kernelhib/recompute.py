@@ -301,6 +301,9 @@ class _Names(ast.NodeVisitor):
             inplace = any(k.arg == _INPLACE and _literal(k.value) is True for k in node.keywords)
             if inplace and isinstance(func, ast.Attribute) and (root := _root(func.value)):
                 self.modified.add(root)
+            # `next(batches)` moves the iterator on.
+            if getattr(func, "id", "") == "next" and node.args and (root := _root(node.args[0])):
+                self.modified.add(root)
         self.generic_visit(node)
 
     def _ipython_call(self, method: str, args: list[ast.expr]) -> None:

@@ -31,9 +31,11 @@ def test_function_bodies_are_not_read_when_the_function_is_defined() -> None:
 
 def test_changing_an_object_in_place_needs_and_writes_it() -> None:
     cell = analyse(
-        1, "df['a'] = 1\nmodel.fit(X)\nitems.append(3)\nframe.drop(columns=['a'], inplace=True)"
+        1,
+        "df['a'] = 1\nmodel.fit(X)\nitems.append(3)\nframe.drop(columns=['a'], inplace=True)\n"
+        "first = next(batches)",
     )
-    assert cell.modifies == {"df", "model", "items", "frame"}
+    assert cell.modifies == {"df", "model", "items", "frame", "batches"}
     assert {"df", "model", "items", "frame", "X"} <= cell.needs
 
 
