@@ -306,7 +306,8 @@ class KernelHibernator(LoggingConfigurable):
         help="What to do when a dill hibernation or wake loses variables: 'offer' lists the "
         "cells of the kernel's history that re-create each one, for the user to run with one "
         "action; 'auto' runs them during the wake; 'off' only reports the loss. Cells that "
-        "write files or run shell commands are never run (see docs/engines.md).",
+        "write files or run shell commands are never run; each cell has snapshot_timeout "
+        "seconds (see docs/engines.md).",
     )
 
     kernel_manager = AnyTrait(help="The MappingKernelManager whose kernels this hibernates.")
