@@ -829,16 +829,20 @@ class KernelHibernator(LoggingConfigurable):
         """Offer the plan for what the wake lost; with ``auto``, run it before the wake ends,
         so the user's first request finds the names back."""
         snapshot = image.path / DILL_SNAPSHOT if record.engine == self._criu.name else image.path
-        record.recompute = await self.recomputer.at_wake(
-            km.kernel_id, snapshot, record.recompute, record.lost
-        )
-        if self.recompute == "auto" and record.recompute.get("run"):
-            async with _client(km) as client:
-                record.recompute = await self.recomputer.run(
-                    client, record.recompute, self.snapshot_timeout
-                )
-            back = set(record.recompute["recomputed"])
-            record.lost = [entry for entry in record.lost if entry["name"] not in back]
+        try:
+            record.recompute = await self.recomputer.at_wake(
+                km.kernel_id, snapshot, record.recompute, record.lost
+            )
+            if self.recompute == "auto" and record.recompute.get("run"):
+                async with _client(km) as client:
+                    record.recompute = await self.recomputer.run(
+                        client, record.recompute, self.snapshot_timeout
+                    )
+                back = set(record.recompute["recomputed"])
+                record.lost = [entry for entry in record.lost if entry["name"] not in back]
+        except Exception as exc:  # the kernel is awake: a plan that fails must not undo that
+            self.log.warning("Kernel %s: no recompute plan: %s", km.kernel_id, exc)
+            record.recompute = {}
 
     async def recompute_lost(self, kernel_id: str) -> dict[str, Any]:
         """Run the cells that re-create the lost names of the last dill wake (the one action

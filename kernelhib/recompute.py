@@ -420,7 +420,10 @@ def _units(statements: list[ast.stmt]) -> Iterator[ast.AST]:
 def analyse(number: int, source: str) -> Cell:
     """The names a cell reads, defines and modifies, and why it must not be replayed, if so."""
     cell = Cell(number, source)
-    _analyse_into(cell, source, set())
+    try:
+        _analyse_into(cell, source, set())
+    except RecursionError:  # code nested deeper than the analysis goes
+        cell.refused = "is nested too deeply to be analysed"
     return cell
 
 
@@ -428,7 +431,7 @@ def _analyse_into(cell: Cell, source: str, defined: set[str]) -> None:
     try:
         code = TransformerManager().transform_cell(source)
         tree = ast.parse(code)
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, RecursionError) as exc:
         cell.refused = f"cannot be parsed: {exc}"
         return
     for unit in _units(tree.body):

@@ -91,6 +91,13 @@ class Recomputer:
         names = lost_names(lost)
         if not names:
             return {}
+        try:
+            return await self._prepare(kernel_id, snapshot, names)
+        except Exception as exc:  # the hibernation goes on: the loss is reported all the same
+            self.log.warning("Kernel %s: no recompute plan: %s", kernel_id, exc)
+            return {}
+
+    async def _prepare(self, kernel_id: str, snapshot: Path, names: list[str]) -> dict[str, Any]:
         history, survived = await asyncio.to_thread(_read_snapshot, snapshot)
         notebook = await self._notebook(kernel_id)
         cells: dict[int, dict[str, Any]] = {}

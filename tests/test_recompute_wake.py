@@ -13,6 +13,8 @@ from typing import Any
 import nbformat
 import pytest
 
+from kernelhib.hibernator import EVENT_SCHEMA_ID
+
 from .conftest import KernelChannel
 
 DILL = {"engine": "dill"}
@@ -57,9 +59,17 @@ def names(recompute: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {entry["name"]: entry for entry in recompute["names"]}
 
 
+async def _append(events: list[dict[str, Any]], data: Any) -> None:
+    events.append(dict(data))
+
+
 async def test_offer_lists_the_cells_that_recreate_a_lost_name_and_one_action_runs_them(
-    api: Any, open_channel: Any, jp_root_dir: Path
+    api: Any, open_channel: Any, jp_root_dir: Path, jp_serverapp: Any
 ) -> None:
+    events: list[dict[str, Any]] = []
+    jp_serverapp.event_logger.add_listener(
+        schema_id=EVENT_SCHEMA_ID, listener=lambda logger, schema_id, data: _append(events, data)
+    )
     cells = [SETUP, MAKE_LOCK, "kept = total * 2"]
     kernel_id, channel = await start_notebook(api, open_channel, jp_root_dir, cells)
     _, lock_cell, _ = await run_cells(channel, cells)
@@ -89,6 +99,10 @@ async def test_offer_lists_the_cells_that_recreate_a_lost_name_and_one_action_ru
     assert check["execution_count"] == missing["execution_count"] + 1
     again = await api("POST", "kernels", kernel_id, "recompute", expect=409)
     assert again["reason"] == "nothing-to-recompute"
+    [wake] = [e for e in events if e["action"] == "wake"]
+    assert wake["recompute"]["run"] == [lock_cell]
+    [recomputed] = [e for e in events if e["action"] == "recompute"]
+    assert recomputed["recompute"]["recomputed"] == ["lock"]
 
 
 @pytest.mark.parametrize("hibernator_config", [{"recompute": "auto"}])
@@ -156,3 +170,31 @@ async def test_off_only_reports_the_loss(start_kernel: Any, api: Any) -> None:
     model = await api("POST", "kernels", kernel_id, "hibernate", body=DILL)
     assert [e["name"] for e in model["hibernation"]["lost"]] == ["lock"]
     assert "recompute" not in model["hibernation"]
+
+
+async def test_a_cell_that_raises_stops_the_recompute_and_the_next_action_runs_the_rest(
+    start_kernel: Any, api: Any, tmp_path: Path
+) -> None:
+    kernel_id, channel = await start_kernel()
+    flag = tmp_path / "fails-now"
+    checked = f"assert not os.path.exists({str(flag)!r}), 'flag'\nsecond = [first]"
+    made, uses = await run_cells(
+        channel, ["import os, threading\nfirst = threading.Lock()", checked]
+    )
+    await api("POST", "kernels", kernel_id, "hibernate", body=DILL)
+    await api("POST", "kernels", kernel_id, "wake")
+    flag.touch()
+
+    error = await api("POST", "kernels", kernel_id, "recompute", expect=500)
+
+    assert error["reason"] == "recompute-failed"
+    assert f"cell [{uses}] failed while recomputing: AssertionError: flag" in error["message"]
+    plan = (await api("GET", "kernels", kernel_id))["hibernation"]["recompute"]
+    assert plan["failed"]["cell"] == uses and plan["run"] == [uses]
+    assert plan["recomputed"] == ["first"] and plan["replayed"] == [made]
+    first_id = (await channel.execute("id(first)"))["result"]
+    flag.unlink()
+    done = (await api("POST", "kernels", kernel_id, "recompute"))["hibernation"]["recompute"]
+    assert done["recomputed"] == ["first", "second"] and "failed" not in done
+    check = await channel.execute("id(first), second[0] is first")
+    assert check["result"] == f"({first_id}, True)", "the cell that ran must not run again"
