@@ -22,8 +22,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from IPython.core.inputtransformer2 import TransformerManager
-
 # Names every IPython kernel has: never a variable a cell must re-create.
 _IPYTHON_NAMES = re.compile(
     r"(In|Out|exit|quit|get_ipython|display|__IPYTHON__|_[iod]h|_i{1,3}|_i\d+|_\d*|__|___)\Z"
@@ -428,6 +426,10 @@ def analyse(number: int, source: str) -> Cell:
 
 
 def _analyse_into(cell: Cell, source: str, defined: set[str]) -> None:
+    # Here, not at the top: importing IPython takes the server and the command line
+    # a fifth of a second, which only a recompute plan needs.
+    from IPython.core.inputtransformer2 import TransformerManager
+
     try:
         code = TransformerManager().transform_cell(source)
         tree = ast.parse(code)

@@ -25,24 +25,33 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import nbformat
-
 from . import recompute
-from .engines.dill_snapshot import STATE, SUMMARY
 
 MODES = ("off", "offer", "auto")
 
 
 def _read_snapshot(snapshot: Path) -> tuple[list[str], set[str]]:
     """The snapshot's history (``In``) and the names it kept (variables and modules)."""
+    # Here, not at the top: it imports dill and IPython, which the server and the
+    # command line need only once a dill snapshot exists.
+    from .engines.dill_snapshot import STATE, SUMMARY
+
     summary = json.loads((snapshot / SUMMARY).read_text())
     state = json.loads((snapshot / STATE).read_text())
     return state["input_hist_raw"], {*summary["variables"], *summary["modules"]}
 
 
 def _read_notebook(path: Path) -> list[tuple[int, str, int | None]]:
-    """A notebook's code cells: index among all its cells, source, execution count."""
-    notebook = nbformat.read(path, as_version=4)
+    """A notebook's code cells: index among all its cells, source, execution count.
+
+    ValueError if it is not a valid notebook.
+    """
+    import nbformat  # only once a plan is made: it takes a while to import
+
+    try:
+        notebook = nbformat.read(path, as_version=4)
+    except nbformat.ValidationError as exc:
+        raise ValueError(f"{path} is not a valid notebook: {exc}") from exc
     return [
         (index, cell.source, cell.get("execution_count"))
         for index, cell in enumerate(notebook.cells)
@@ -150,7 +159,7 @@ class Recomputer:
                 if session["kernel"]["id"] == kernel_id and path.endswith(".ipynb"):
                     root = Path(server.contents_manager.root_dir)
                     return path, await asyncio.to_thread(_read_notebook, root / path)
-        except (OSError, ValueError, KeyError, nbformat.ValidationError) as exc:
+        except (OSError, ValueError, KeyError) as exc:
             self.log.warning("Kernel %s: its notebook could not be read: %s", kernel_id, exc)
         return None
 
@@ -160,7 +169,7 @@ class Recomputer:
         try:
             root = Path(server.contents_manager.root_dir)  # type: ignore[union-attr]
             code = await asyncio.to_thread(_read_notebook, root / notebook["path"])
-        except (AttributeError, OSError, ValueError, nbformat.ValidationError):
+        except (AttributeError, OSError, ValueError):
             return True
         return recompute.notebook_fingerprint([s for _, s, _ in code]) != notebook["fingerprint"]
 
