@@ -823,67 +823,6 @@ class KernelHibernator(LoggingConfigurable):
             raise
         return result["lost"]
 
-    async def _recompute_at_wake(
-        self, km: KernelManager, image: Image, record: Hibernation
-    ) -> None:
-        """Offer the plan for what the wake lost; with ``auto``, run it before the wake ends,
-        so the user's first request finds the names back."""
-        snapshot = image.path / DILL_SNAPSHOT if record.engine == self._criu.name else image.path
-        try:
-            record.recompute = await self.recomputer.at_wake(
-                km.kernel_id, snapshot, record.recompute, record.lost
-            )
-            if self.recompute == "auto" and record.recompute.get("run"):
-                async with _client(km) as client:
-                    record.recompute = await self.recomputer.run(
-                        client, record.recompute, self.snapshot_timeout
-                    )
-                back = set(record.recompute["recomputed"])
-                record.lost = [entry for entry in record.lost if entry["name"] not in back]
-        except Exception as exc:  # the kernel is awake: a plan that fails must not undo that
-            self.log.warning("Kernel %s: no recompute plan: %s", km.kernel_id, exc)
-            record.recompute = {}
-
-    async def recompute_lost(self, kernel_id: str) -> dict[str, Any]:
-        """Run the cells that re-create the lost names of the last dill wake (the one action
-        of ``recompute = offer``); return the hibernation model, which says what came back."""
-        km = self._kernel(kernel_id)
-        async with self.operation(kernel_id, Operation.RECOMPUTE):
-            record = self.record(kernel_id)
-            if record.state != "running":
-                raise Conflict(
-                    f"kernel {kernel_id} is {record.state}: wake it first, the wake offers "
-                    "what to recompute",
-                    Reason(record.state),
-                )
-            if not record.recompute.get("run"):
-                raise Conflict(
-                    f"kernel {kernel_id} has nothing to recompute: no lost variable has a plan "
-                    "that may run (see 'recompute' in its hibernation model for why)",
-                    Reason.NOTHING_TO_RECOMPUTE,
-                )
-            async with _client(km) as client:
-                record.recompute = await self.recomputer.run(
-                    client, record.recompute, self.snapshot_timeout
-                )
-            failed = record.recompute.get("failed")
-            error = None
-            if failed:
-                error = HibernationError(
-                    f"cell [{failed['cell']}] failed while recomputing: {failed['error']}; "
-                    "the cells before it ran, the ones after it did not",
-                    Reason.RECOMPUTE_FAILED,
-                )
-            self._emit(
-                "recompute-failed" if error else "recompute",
-                kernel_id,
-                record,
-                error and error.reason,
-            )
-            if error:
-                raise error
-            return record.model()
-
     def _later(self, work: Any) -> None:
         """Run ``work`` in the background, holding a reference until it is done."""
         task = asyncio.ensure_future(work)
@@ -1026,6 +965,69 @@ class KernelHibernator(LoggingConfigurable):
         # Not hibernated any more: a restart starts it afresh (its status follows).
         km.execution_state = "starting"
         await asyncio.to_thread(self.store.discard, kernel_id)
+
+    # Recompute: what a dill hibernation or wake lost (kernelhib/recomputer.py).
+
+    async def _recompute_at_wake(
+        self, km: KernelManager, image: Image, record: Hibernation
+    ) -> None:
+        """Offer the plan for what the wake lost; with ``auto``, run it before the wake ends,
+        so the user's first request finds the names back."""
+        snapshot = image.path / DILL_SNAPSHOT if record.engine == self._criu.name else image.path
+        try:
+            record.recompute = await self.recomputer.at_wake(
+                km.kernel_id, snapshot, record.recompute, record.lost
+            )
+            if self.recompute == "auto" and record.recompute.get("run"):
+                await self._run_plan(km, record)
+                back = set(record.recompute["recomputed"])
+                record.lost = [entry for entry in record.lost if entry["name"] not in back]
+        except Exception as exc:  # the kernel is awake: a plan that fails must not undo that
+            self.log.warning("Kernel %s: no recompute plan: %s", km.kernel_id, exc)
+            record.recompute = {}
+
+    async def recompute_lost(self, kernel_id: str) -> dict[str, Any]:
+        """Run the cells that re-create the lost names of the last dill wake (the one action
+        of ``recompute = offer``); return the hibernation model, which says what came back."""
+        km = self._kernel(kernel_id)
+        async with self.operation(kernel_id, Operation.RECOMPUTE):
+            record = self.record(kernel_id)
+            if record.state != "running":
+                raise Conflict(
+                    f"kernel {kernel_id} is {record.state}: wake it first, the wake offers "
+                    "what to recompute",
+                    Reason(record.state),
+                )
+            if not record.recompute.get("run"):
+                raise Conflict(
+                    f"kernel {kernel_id} has nothing to recompute: no lost variable has a plan "
+                    "that may run (see 'recompute' in its hibernation model for why)",
+                    Reason.NOTHING_TO_RECOMPUTE,
+                )
+            await self._run_plan(km, record)
+            failed = record.recompute.get("failed")
+            error = None
+            if failed:
+                error = HibernationError(
+                    f"cell [{failed['cell']}] failed while recomputing: {failed['error']}; "
+                    "the cells before it ran, the ones after it did not",
+                    Reason.RECOMPUTE_FAILED,
+                )
+            self._emit(
+                "recompute-failed" if error else "recompute",
+                kernel_id,
+                record,
+                error and error.reason,
+            )
+            if error:
+                raise error
+            return record.model()
+
+    async def _run_plan(self, km: KernelManager, record: Hibernation) -> None:
+        async with _client(km) as client:
+            record.recompute = await self.recomputer.run(
+                client, record.recompute, self.snapshot_timeout
+            )
 
     def _ended(
         self,

@@ -73,6 +73,16 @@ def _match(history: list[str], code: list[tuple[int, str, int | None]]) -> dict[
     return cells
 
 
+def _notebook_file(server: Any, path: str) -> Path:
+    """The file of a session's notebook, which must be under the server's root directory
+    (a session's path is whatever its client sent)."""
+    root = Path(server.contents_manager.root_dir).resolve()
+    file = (root / path).resolve()
+    if not file.is_relative_to(root):
+        raise ValueError(f"the notebook {path!r} is outside the server's root directory")
+    return file
+
+
 def lost_names(lost: Iterable[dict[str, str]]) -> list[str]:
     """The lost variables a cell could re-create: module state is not a name."""
     return sorted(entry["name"] for entry in lost if entry.get("type") != "module state")
@@ -157,8 +167,8 @@ class Recomputer:
             for session in await sessions.list_sessions():
                 path = session.get("path") or ""
                 if session["kernel"]["id"] == kernel_id and path.endswith(".ipynb"):
-                    root = Path(server.contents_manager.root_dir)
-                    return path, await asyncio.to_thread(_read_notebook, root / path)
+                    file = _notebook_file(server, path)
+                    return path, await asyncio.to_thread(_read_notebook, file)
         except (OSError, ValueError, KeyError) as exc:
             self.log.warning("Kernel %s: its notebook could not be read: %s", kernel_id, exc)
         return None
@@ -167,8 +177,8 @@ class Recomputer:
         """Whether the notebook's code differs from when the plan was made (or it is gone)."""
         server = getattr(self.kernel_manager, "parent", None)
         try:
-            root = Path(server.contents_manager.root_dir)  # type: ignore[union-attr]
-            code = await asyncio.to_thread(_read_notebook, root / notebook["path"])
+            file = _notebook_file(server, notebook["path"])
+            code = await asyncio.to_thread(_read_notebook, file)
         except (AttributeError, OSError, ValueError):
             return True
         return recompute.notebook_fingerprint([s for _, s, _ in code]) != notebook["fingerprint"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from kernelhib.recompute import (
@@ -12,6 +15,7 @@ from kernelhib.recompute import (
     plan,
     plan_name,
 )
+from kernelhib.recomputer import _match, _notebook_file
 
 
 def test_a_cell_reads_the_names_it_uses_before_binding_them() -> None:
@@ -153,3 +157,16 @@ def test_the_fingerprint_follows_the_code_only() -> None:
     assert notebook_fingerprint(["a = 1", "b = 2"]) == notebook_fingerprint(["a = 1", "b = 2"])
     assert notebook_fingerprint(["a = 1", "b = 2"]) != notebook_fingerprint(["a = 1", "b = 3"])
     assert notebook_fingerprint(["a = 1"]) != notebook_fingerprint(["a = 1", ""])
+
+
+def test_a_sessions_notebook_is_read_only_under_the_servers_root(tmp_path: Path) -> None:
+    server = SimpleNamespace(contents_manager=SimpleNamespace(root_dir=str(tmp_path / "root")))
+    assert _notebook_file(server, "work/a.ipynb") == tmp_path / "root" / "work" / "a.ipynb"
+    with pytest.raises(ValueError, match="outside the server's root directory"):
+        _notebook_file(server, "../secret.ipynb")
+
+
+def test_history_entries_are_matched_to_notebook_cells_by_count_then_source() -> None:
+    code = [(1, "a = 1", 5), (2, "b = 2", None), (4, "c = 3", None)]
+    assert _match(["", "x = 0", "b = 2", "a = 1"], code) == {2: 2, 3: 1}
+    assert _match(["", "x", "y", "z", "w", "changed since"], code) == {5: 1}
