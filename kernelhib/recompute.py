@@ -28,64 +28,21 @@ _IPYTHON_NAMES = re.compile(
 )
 _BUILTINS = frozenset(dir(builtins))
 
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 # Magics that only display or configure the session: replaying them is harmless.
-_HARMLESS_MAGICS = frozenset(
-    [
-        "matplotlib",
-        "load_ext",
-        "reload_ext",
-        "autoreload",
-        "aimport",
-        "config",
-        "precision",
-        "xmode",
-        "colors",
-        "pprint",
-        "who",
-        "who_ls",
-        "whos",
-        "pwd",
-        "env",
-        "lsmagic",
-        "magic",
-        "pinfo",
-        "pinfo2",
-        "pdoc",
-        "pdef",
-        "psource",
-        "pfile",
-        "psearch",
-        "history",
-        "html",
-        "markdown",
-        "latex",
-        "javascript",
-        "js",
-        "svg",
-        "doctest_mode",
-        "page",
-        "timeit",
-    ]
+_HARMLESS_MAGICS = _words(
+    "matplotlib load_ext reload_ext autoreload aimport config precision xmode colors pprint "
+    "who who_ls whos pwd env lsmagic magic pinfo pinfo2 pdoc pdef psource pfile psearch "
+    "history html markdown latex javascript js svg doctest_mode page timeit"
 )
 # Magics that run their code argument (line) or body (cell) in the user's namespace.
-_CODE_MAGICS = frozenset({"time", "capture"})
-_SHELL_MAGICS = frozenset(
-    [
-        "system",
-        "sx",
-        "sh",
-        "bash",
-        "script",
-        "perl",
-        "ruby",
-        "python",
-        "python2",
-        "python3",
-        "pypy",
-        "pip",
-        "conda",
-        "mamba",
-    ]
+_CODE_MAGICS = _words("time capture")
+_SHELL_MAGICS = _words(
+    "system sx sh bash script perl ruby python python2 python3 pypy pip conda mamba"
 )
 _UNSAFE_MAGICS = {
     "run": "runs a script with %run, whose effects cannot be analysed",
@@ -99,69 +56,22 @@ _UNSAFE_MAGICS = {
     "store": "reads or writes IPython's store (%store)",
 }
 # Calls that write files whatever they are called on, once given where to write.
-_FILE_WRITERS = frozenset(
-    [
-        "to_csv",
-        "to_excel",
-        "to_parquet",
-        "to_feather",
-        "to_hdf",
-        "to_pickle",
-        "to_stata",
-        "to_sql",
-        "to_json",
-        "to_html",
-        "to_latex",
-        "to_xml",
-        "to_markdown",
-        "to_orc",
-        "savefig",
-        "savez",
-        "savez_compressed",
-        "savetxt",
-        "save",
-        "tofile",
-        "write_text",
-        "write_bytes",
-        "mkdir",
-        "makedirs",
-        "rmdir",
-        "rmtree",
-        "unlink",
-        "touch",
-        "symlink_to",
-        "hardlink_to",
-        "copyfile",
-        "copy2",
-        "copytree",
-    ]
+_FILE_WRITERS = _words(
+    "to_csv to_excel to_parquet to_feather to_hdf to_pickle to_stata to_sql to_json to_html "
+    "to_latex to_xml to_markdown to_orc savefig savez savez_compressed savetxt save tofile "
+    "write_text write_bytes mkdir makedirs rmdir rmtree unlink touch symlink_to hardlink_to "
+    "copyfile copy2 copytree"
 )
+# Those of them that write even without arguments.
+_NO_ARG_WRITERS = _words("mkdir makedirs rmdir unlink touch rmtree")
 # Calls that write files or run processes when called on these modules.
 _MODULE_WRITERS = {
-    "os": frozenset(
-        [
-            "remove",
-            "unlink",
-            "rename",
-            "renames",
-            "replace",
-            "rmdir",
-            "removedirs",
-            "mkdir",
-            "makedirs",
-            "system",
-            "popen",
-            "symlink",
-            "link",
-            "truncate",
-            "chmod",
-            "chown",
-        ]
+    "os": _words(
+        "remove unlink rename renames replace rmdir removedirs mkdir makedirs system popen "
+        "symlink link truncate chmod chown"
     ),
-    "shutil": frozenset(
-        ["copy", "copy2", "copyfile", "copytree", "move", "rmtree", "make_archive"]
-    ),
-    "subprocess": frozenset(["run", "call", "check_call", "check_output", "Popen", "getoutput"]),
+    "shutil": _words("copy copy2 copyfile copytree move rmtree make_archive"),
+    "subprocess": _words("run call check_call check_output Popen getoutput"),
 }
 _WRITE_MODES = re.compile(r"[wax+]")
 # Methods called for their effect on the object (an expression statement) modify it.
@@ -354,9 +264,6 @@ class _Names(ast.NodeVisitor):
         self.modified |= other.modified
         self.refusals += other.refusals
         self.inner += other.inner
-
-
-_NO_ARG_WRITERS = frozenset({"mkdir", "makedirs", "rmdir", "unlink", "touch", "rmtree"})
 
 
 def _root(node: ast.expr) -> str | None:
