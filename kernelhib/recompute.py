@@ -74,7 +74,7 @@ _MODULE_WRITERS = {
     "subprocess": _words("run call check_call check_output Popen getoutput"),
 }
 _WRITE_MODES = re.compile(r"[wax+]")
-# Methods called for their effect on the object (an expression statement) modify it.
+# `df.drop(..., inplace=True)` changes df.
 _INPLACE = "inplace"
 
 
