@@ -281,6 +281,35 @@ async def test_list_hibernate_and_wake_the_kernels_of_a_running_server(launch_se
     assert "Traceback" not in unknown.stderr
 
 
+async def test_wake_lists_what_dill_lost_and_recompute_runs_the_cells_that_make_it(
+    launch_server,
+):
+    server = await launch_server()
+    kernel_id = await start_idle(server)
+    channel = await server.open_channel(kernel_id)
+    made = await channel.execute("import threading\nlock = threading.Lock()")
+    cell = made["execution_count"]
+    env = runtime_of(server)
+    await asyncio.to_thread(kernelhib, "hibernate", "--engine", "dill", kernel_id, env=env)
+
+    woken = await asyncio.to_thread(kernelhib, "wake", kernel_id, env=env)
+
+    assert (woken.returncode, woken.stderr) == (0, "")
+    lines = woken.stdout.splitlines()
+    assert re.fullmatch(rf"  lost lock: cells \[{cell}\] \(last run [-0-9]+ [:0-9]+\)", lines[1])
+    assert lines[2] == f"  Run `kernelhib recompute {kernel_id}` to run cells [{cell}]."
+    listed = await asyncio.to_thread(kernelhib, "recompute", "--dry-run", kernel_id, env=env)
+    assert listed.stdout.splitlines()[1:] == lines[1:]
+
+    done = await asyncio.to_thread(kernelhib, "recompute", kernel_id, env=env)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"Recomputed in kernel {kernel_id}: lock\n"
+    assert (await channel.execute("type(lock).__name__"))["result"] == "'lock'"
+    again = await asyncio.to_thread(kernelhib, "recompute", kernel_id, env=env)
+    assert (again.returncode, again.stdout) == (0, f"Kernel {kernel_id}: nothing to recompute\n")
+
+
 @pytest.mark.criu
 async def test_a_failed_hibernation_is_listed_running_with_its_error(launch_server):
     """A kernel CRIU cannot dump has a ``hibernation`` object, but it runs on."""

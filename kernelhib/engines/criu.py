@@ -233,6 +233,11 @@ class CriuEngine(Engine):
         process and never parsed."""
         return name.startswith("pages-") and name.endswith(".img")
 
+    @staticmethod
+    def snapshot_of(image: Path) -> Path:
+        """The spare snapshot beside the memory (keep_dill_snapshot)."""
+        return image / DILL_SNAPSHOT
+
     def estimate(self, pid: int) -> int:
         """The kernel's private memory, and a kept dill snapshot on top."""
         memory = tree_memory(pid)
