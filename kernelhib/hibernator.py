@@ -137,7 +137,7 @@ class Hibernation:
     engine: str = ""
     image_bytes: int = 0
     freed_bytes: int = 0
-    gpu_freed_bytes: int = 0  # GPU memory the kernel held (dill hibernations of CUDA kernels)
+    gpu_freed_bytes: int = 0  # GPU memory the kernel held (a CUDA kernel's)
     seconds: float = 0.0
     hibernated_at: float = 0.0
     execution_state: str = "idle"  # before hibernation; a forced one may be "busy"
@@ -573,12 +573,12 @@ class KernelHibernator(LoggingConfigurable):
 
         CRIU writes the kernel's private memory, and a kept dill snapshot comes
         on top. dill pickles the kernel's variables: its private memory bounds
-        them (the interpreter's own is not saved), plus the GPU memory it
-        copies out.
+        them (the interpreter's own is not saved). Both copy out the GPU memory
+        (CRIU through its CUDA plugin).
         """
-        memory = tree_memory(pid)
+        memory = tree_memory(pid) + gpu_memory(pid)
         if engine is self._dill:
-            return memory + gpu_memory(pid)
+            return memory
         return memory * 2 if self.keep_dill_snapshot else memory
 
     async def _write_image(self, km: KernelManager, engine: Engine, fallback: str) -> Image:
@@ -598,6 +598,8 @@ class KernelHibernator(LoggingConfigurable):
             **_facts(km),
         }
         try:
+            if provisioner.pid:  # before CRIU's CUDA plugin or the kernel's end frees it
+                meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, provisioner.pid)
             if engine is self._criu:
                 if self.keep_dill_snapshot and km.execution_state != "busy":
                     # Its losses matter only if a wake ever falls back to it.
@@ -606,8 +608,6 @@ class KernelHibernator(LoggingConfigurable):
             else:
                 # Measured while the kernel still runs: it ends after the commit.
                 meta["freed_bytes"] = tree_memory(provisioner.pid) if provisioner.pid else 0
-                if provisioner.pid:
-                    meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, provisioner.pid)
                 meta["lost"] = await self._save_dill(km, staging)
             try:
                 return await asyncio.to_thread(self.store.commit, staging, km.kernel_id, meta)
