@@ -130,6 +130,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             if _runs_our_python(cmd[0]):
                 # kernelhib is importable there: %hibernate works without %load_ext.
                 cmd.append("--InteractiveShellApp.extra_extensions=kernelhib")
+        self.same_pids = False
         self.not_restorable = self._why_not_restorable() or await self._why_not_on_gpu_host()
         if not self.not_restorable and not self.service and not self.same_pids:
             kwargs["cmd"] = [*_UNSHARE, *cmd]
@@ -156,7 +157,6 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
     async def _why_not_on_gpu_host(self) -> str:
         """On a GPU host ('auto'), the kernel gets no pid namespace: CRIU restores it at its
         own pids where it can checkpoint CUDA (``same_pids``), else say why not."""
-        self.same_pids = False
         if self.pid_namespace != "auto" or not NVIDIA_CONTROL_DEVICE.exists():
             return ""
         if self.service:  # kernelhib-criud starts every kernel in a pid namespace
