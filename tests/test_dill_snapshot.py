@@ -620,3 +620,22 @@ def test_a_seeded_torch_generator_continues_its_stream(
     saved, loaded, kernel = save_then_load(tmp_path, kernels, TORCH_STREAM)
     assert saved["lost"] == loaded["lost"] == []
     assert kernel.value("torch.rand(3).tolist()") == kernel.value("expected")
+
+
+def test_gpu_generators_for_gpus_the_new_kernel_lacks_are_listed_as_lost(
+    tmp_path: Path, kernels: list[Kernel]
+) -> None:
+    # A kernel that had started CUDA on one GPU, stood in for: its GPU generator's state
+    # is the CPU one's. The new kernel sees no GPU.
+    pytest.importorskip("torch", reason="torch is not installed (scripts/setup.sh)")
+    code = (
+        "import torch\n"
+        "torch.cuda.is_initialized = lambda: True\n"
+        "torch.cuda.get_rng_state_all = lambda: [torch.get_rng_state()]"
+    )
+    saved, loaded, _ = save_then_load(tmp_path, kernels, code)
+    assert saved["lost"] == []
+    reason = "could not be restored: saved for 1 GPU(s), and this kernel sees 0"
+    assert loaded["lost"] == [
+        {"name": "torch CUDA generators", "type": "module state", "reason": reason}
+    ]
