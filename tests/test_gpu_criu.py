@@ -281,3 +281,48 @@ def test_a_restore_at_its_own_pids_is_refused_while_another_process_holds_one(
     launcher.same_pids = True
     with pytest.raises(EngineError, match=f"pids {os.getpid()} of the kernel are taken"):
         asyncio.run(launcher.restore(UnusedCriu(), tmp_path))  # type: ignore[arg-type]
+
+
+def test_cuda_state_a_dump_left_checkpointed_or_locked_is_put_back(
+    gpu_host: GpuHost, tmp_path: Path
+) -> None:
+    # cuda-checkpoint, stood in for: process 11 checkpointed, 12 locked, 13 running, 14
+    # without CUDA (get-state fails); each call is logged.
+    log = tmp_path / "calls"
+    gpu_host.script(
+        "cuda-checkpoint",
+        f'echo "$*" >> {log}\n'
+        'case "$*" in\n'
+        '  "--get-state --pid 11") echo checkpointed;;\n'
+        '  "--get-state --pid 12") echo locked;;\n'
+        '  "--get-state --pid 13") echo running;;\n'
+        '  "--get-state --pid 14") exit 1;;\n'
+        "esac",
+    )
+    assert cuda.resume([11, 12, 13, 14]) == []
+    assert log.read_text().splitlines() == [
+        "--get-state --pid 11",
+        "--action restore --pid 11",
+        "--action unlock --pid 11",
+        "--get-state --pid 12",
+        "--action unlock --pid 12",
+        "--get-state --pid 13",
+        "--get-state --pid 14",
+    ]
+
+
+def test_a_failed_cuda_restore_is_reported(gpu_host: GpuHost) -> None:
+    gpu_host.script("cuda-checkpoint", '[ "$1" = --get-state ] && echo checkpointed || exit 1')
+    assert cuda.resume([11]) == ["cuda-checkpoint --action restore --pid 11 failed"]
+
+
+@pytest.mark.parametrize(
+    ("error", "explained"),
+    [
+        ("PAUSE_DEVICES failed with 3", "the kernel's CUDA state could not be checkpointed"),
+        ("Can't handle non-regular mapping", "the kernel has GPU memory CRIU cannot save"),
+        ("Can't dump ptraced task", "Can't dump ptraced task"),
+    ],
+)
+def test_a_dump_failure_says_whether_cuda_was_the_cause(error: str, explained: str) -> None:
+    assert cuda.explain_dump_failure(error).startswith(explained)
