@@ -14,7 +14,8 @@ with kernelhib (through benchmarks/hibernate.py's helpers) and checks, step by s
 ``--criu-cuda`` runs instead only :func:`criu_cuda_check`: CRIU with its CUDA plugin and
 NVIDIA's cuda-checkpoint (docs/engines.md#gpu-kernels). The GPU machine has no network:
 bring ``cuda-checkpoint`` (github.com/NVIDIA/cuda-checkpoint, bin/x86_64_Linux) and a
-``cuda_plugin.so`` built from CRIU's source of the installed version (``make cuda_plugin``),
+``cuda_plugin.so`` built from CRIU's source of the installed version (``make cuda_plugin``;
+the packages it needs are in docs/engines.md#gpu-kernels),
 and run it as ``CRIU_LIBS_DIR=<plugin dir> PATH=<cuda-checkpoint dir>:$PATH python
 scripts/gpu-check.py --criu-cuda`` (the server, and CRIU under it, inherit both).
 
