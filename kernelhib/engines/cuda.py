@@ -74,7 +74,8 @@ class GpuCheckpoint:
 
 
 def _run(*argv: str, check: bool = True) -> str | None:
-    """A command's output, or None if it did not run or (``check``) failed."""
+    """A command's output, or None if it did not run or failed; without ``check``, its
+    output and errors whatever its exit status."""
     try:
         done = subprocess.run(
             argv,
@@ -86,7 +87,7 @@ def _run(*argv: str, check: bool = True) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout
+    return done.stdout if check else done.stdout + done.stderr
 
 
 def driver_version() -> str | None:
@@ -146,10 +147,12 @@ def _cuda_checkpoint() -> Requirement:
     if usage is None:
         return Requirement(name, False, f"{path} --help did not run", remedy)
     if "--action" not in usage:
+        said = usage.strip().splitlines()[-1:]  # "error while loading ... libcuda.so.1", say
         return Requirement(
             name,
             False,
-            f"{path} has no --action, which CRIU's CUDA plugin uses (driver 555 or later)",
+            f"{path} has no --action, which CRIU's CUDA plugin uses (driver 555 or later)"
+            + "".join(f"; --help said: {line[:200]}" for line in said),
             remedy,
         )
     return Requirement(name, True, path)
