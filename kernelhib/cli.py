@@ -25,7 +25,9 @@ from kernelhib.doctor import (
     as_json,
     describe_setting,
     diagnose,
+    format_gpu_table,
     format_table,
+    gpu_requirements,
     render_table,
     server_criu_path,
 )
@@ -169,11 +171,14 @@ def _install_criu(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     setting = Setting(args.criu_path, "--criu-path") if args.criu_path else server_criu_path()
-    reports = diagnose(setting.value)
+    gpu = gpu_requirements()
+    reports = diagnose(setting.value, gpu)
     if args.json:
-        print(json.dumps(as_json(setting, reports), indent=2))
+        print(json.dumps(as_json(setting, reports, gpu), indent=2))
     else:
         print(f"{describe_setting(setting)}\n\n{format_table(reports)}")
+        if gpu is not None:
+            print(f"\n{format_gpu_table(gpu)}")
     return 0 if any(report.ok for _, report in reports) else 1
 
 

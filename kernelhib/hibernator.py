@@ -38,7 +38,7 @@ from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
 from .journal import server_id
-from .kernel_process import process_start
+from .kernel_process import gpu_memory, process_start
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 from .recomputer import MODES as RECOMPUTE_MODES
@@ -141,7 +141,7 @@ class Hibernation:
     engine: str = ""
     image_bytes: int = 0
     freed_bytes: int = 0
-    gpu_freed_bytes: int = 0  # GPU memory the kernel held (dill hibernations of CUDA kernels)
+    gpu_freed_bytes: int = 0  # GPU memory the kernel held (a CUDA kernel's)
     seconds: float = 0.0
     hibernated_at: float = 0.0
     execution_state: str = "idle"  # before hibernation; a forced one may be "busy"
@@ -610,6 +610,8 @@ class KernelHibernator(LoggingConfigurable):
             **_facts(km),
         }
         try:
+            if pid := _pid(km):  # before CRIU's CUDA plugin or the kernel's end frees it
+                meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, pid)
             meta.update(await engine.write(_Lent(self, km, self.record(km.kernel_id)), staging))
             if "lost" in meta and self.recompute != "off":  # recompute hook: plan in the image
                 meta["recompute"] = await self.recomputer.prepare(

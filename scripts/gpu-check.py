@@ -11,6 +11,14 @@ with kernelhib (through benchmarks/hibernate.py's helpers) and checks, step by s
 4. a kernel holding 1 GiB on the GPU, woken while another process holds all but
    256 MiB of the GPU's memory, then again once that process ended.
 
+``--criu-cuda`` runs instead only :func:`criu_cuda_check`: CRIU with its CUDA plugin and
+NVIDIA's cuda-checkpoint (docs/engines.md#gpu-kernels). The GPU machine has no network:
+bring ``cuda-checkpoint`` (github.com/NVIDIA/cuda-checkpoint, bin/x86_64_Linux) and a
+``cuda_plugin.so`` built from CRIU's source of the installed version (``make cuda_plugin``;
+the packages it needs are in docs/engines.md#gpu-kernels),
+and run it as ``CRIU_LIBS_DIR=<plugin dir> PATH=<cuda-checkpoint dir>:$PATH python
+scripts/gpu-check.py --criu-cuda`` (the server, and CRIU under it, inherit both).
+
 Each step's result or error goes to ``$OUT/gpu-check.json`` (default /tmp/gpu-check);
 a failing step does not stop the others. ``GPU_CHECK_NO_GPU=1`` runs the same steps
 with numpy instead, to try the plumbing on a machine without a GPU. Results and the
@@ -31,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import hibernate as hb  # the benchmark's server and channel helpers
 
+from kernelhib.engines import cuda
 from kernelhib.engines.criu_install import locate_criu
 
 OUT = Path(os.environ.get("OUT", "/tmp/gpu-check"))
@@ -93,6 +102,89 @@ def gpu_hog() -> Iterator[None]:
         hog.wait()
 
 
+# A kernel holding 1 GiB on the GPU, and the expression that checks it after a wake.
+CUDA_FILL = (
+    "import os, torch\ng = torch.Generator('cuda').manual_seed(0)\n"
+    "x = torch.randn(2**28, device='cuda', generator=g)\ns = float(x.double().sum())"
+)
+CUDA_CHECK = "[str(x.device), float(x.double().sum()) == s, os.getpid()]"
+# Unified memory (cudaMallocManaged, here through the driver API on torch's context),
+# which cuda-checkpoint does not support: the dump must fail and 'auto' use dill.
+UVM_FILL = (
+    "import ctypes, torch\ny = torch.ones(2**20, device='cuda')\n"
+    "managed = ctypes.c_uint64()\n"
+    "uvm_rc = ctypes.CDLL('libcuda.so.1').cuMemAllocManaged("
+    "ctypes.byref(managed), ctypes.c_size_t(64 << 20), ctypes.c_uint(1))"
+)
+
+
+def criu_cuda_check(server: Any) -> None:
+    """CRIU with its CUDA plugin, on a real GPU: what `kernelhib doctor` finds, then a
+    kernel holding 1 GiB on the GPU hibernated with ``auto`` twice (engine, GPU memory
+    freed, seconds per GiB of GPU memory), each wake (same pid, tensor checksum,
+    cuda-checkpoint's state), and a kernel with managed memory, which must fall back
+    to dill and stay usable."""
+    gpu = cuda.check()
+    results["criu_cuda.requirements"] = {"ok": gpu.ok, "reason": gpu.reason}
+    results["criu_cuda.driver"] = cuda.driver_version()
+
+    def hibernate(kernel_id: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        model = server.request("POST", f"api/kernels/{kernel_id}/hibernate", {})["hibernation"]
+        seconds = time.perf_counter() - started
+        gib = model.get("gpu_freed_bytes", 0) / 2**30
+        keep = ("engine", "image_bytes", "gpu_freed_bytes", "seconds", "fallback_reason")
+        return {
+            **{key: model.get(key) for key in keep},
+            "request_s": round(seconds, 3),
+            "s_per_gpu_gib": round(seconds / gib, 3) if gib else None,
+            "gpu_mib_after": gpu_used_mib(),
+        }
+
+    def wake(kernel_id: str, channel: hb.KernelChannel, pid: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        server.request("POST", f"api/kernels/{kernel_id}/wake")
+        seconds = time.perf_counter() - started
+        device, same, now = channel.evaluate(f"__import__('json').dumps({CUDA_CHECK})")
+        state = subprocess.run(
+            ["cuda-checkpoint", "--get-state", "--pid", str(now)], capture_output=True, text=True
+        )
+        return {
+            "request_s": round(seconds, 3),
+            "device": device,
+            "checksum_equal": same,
+            "same_pid": now == pid,
+            "cuda_state": (state.stdout or state.stderr).strip(),
+            "gpu_mib_after": gpu_used_mib(),
+        }
+
+    kernel_id = server.start_kernel()
+    channel = hb.KernelChannel(server, kernel_id)
+    try:
+        step("criu_cuda.fill", lambda: channel.execute(CUDA_FILL, timeout=300)["status"])
+        pid = channel.evaluate("__import__('json').dumps(__import__('os').getpid())")
+        results["criu_cuda.gpu_mib_filled"] = gpu_used_mib()
+        for cycle in (1, 2):
+            step(f"criu_cuda.hibernate_{cycle}", lambda: hibernate(kernel_id))
+            step(f"criu_cuda.wake_{cycle}", lambda: wake(kernel_id, channel, pid))
+    finally:
+        channel.close()
+        server.shutdown_kernel(kernel_id)
+
+    kernel_id = server.start_kernel()
+    channel = hb.KernelChannel(server, kernel_id)
+    try:
+        step("criu_cuda.uvm_fill", lambda: channel.execute(UVM_FILL, timeout=300)["status"])
+        step("criu_cuda.uvm_rc", lambda: channel.evaluate("__import__('json').dumps(uvm_rc)"))
+        step("criu_cuda.uvm_hibernate", lambda: hibernate(kernel_id))
+        step("criu_cuda.uvm_wake", lambda: server.request("POST", f"api/kernels/{kernel_id}/wake"))
+        use = "__import__('json').dumps(float(y.sum()))"
+        step("criu_cuda.uvm_after_wake", lambda: channel.evaluate(use))
+    finally:
+        channel.close()
+        server.shutdown_kernel(kernel_id)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     criu = str(locate_criu().path)
@@ -127,6 +219,9 @@ def main() -> None:
 
     try:
         server.wait_ready()
+        if "--criu-cuda" in sys.argv:
+            criu_cuda_check(server)
+            return
         kernel_id = server.start_kernel()
         channel = hb.KernelChannel(server, kernel_id)
         channel.execute("1+1", timeout=120)
