@@ -134,6 +134,8 @@ class KernelChannel:
 
 
 def summarize(reply: dict[str, Any], output: list[dict[str, Any]]) -> dict[str, Any]:
+    """A reply's content plus what the request printed (``stdout``) and its last result's
+    text (``result``), as a notebook shows them."""
     content = dict(reply["content"])
     content["stdout"] = "".join(m["content"]["text"] for m in output if m["msg_type"] == "stream")
     results = [

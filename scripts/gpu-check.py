@@ -114,6 +114,10 @@ async def state(server: ServerProcess, kernel_id: str) -> str:
     return (await server.api("GET", "kernels", kernel_id))["execution_state"]
 
 
+async def fill(channel: KernelChannel, code: str) -> str:
+    return (await channel.run(code))["status"]
+
+
 async def value(channel: KernelChannel, expression: str) -> Any:
     return await channel.evaluate(f"__import__('json').dumps({expression})")
 
@@ -131,7 +135,7 @@ async def checks(server: ServerProcess) -> None:
         gpu_fill = "import numpy as np\nx = np.random.default_rng(0).random(2**24)\n"
         gpu_fill += "s = float(x.sum())"
         check = "['cpu', float(x.sum()) == s, 0]"
-    await step("gpu_kernel.fill", lambda: channel.run(gpu_fill))
+    await step("gpu_kernel.fill", lambda: fill(channel, gpu_fill))
     results["gpu_mib.filled"] = gpu_used_mib()
     await step("gpu_kernel.hibernate_criu", lambda: hibernate(server, kernel_id, "criu"))
     await step("gpu_kernel.still_running", lambda: value(channel, check))
@@ -146,7 +150,7 @@ async def checks(server: ServerProcess) -> None:
     kernel_id, channel = await server.start_kernel()
     library = "torch" if GPU else "numpy"
     cpu_fill = f"import {library}\nt = {library}.arange(10**6)"
-    await step("cpu_kernel.fill", lambda: channel.run(cpu_fill))
+    await step("cpu_kernel.fill", lambda: fill(channel, cpu_fill))
     await step("cpu_kernel.hibernate", lambda: hibernate(server, kernel_id))
     await step("cpu_kernel.wake", lambda: wake(server, kernel_id))
     cuda = ", torch.cuda.is_available(), float(torch.ones(4, device='cuda').sum())"
@@ -156,7 +160,7 @@ async def checks(server: ServerProcess) -> None:
 
     if GPU:  # 4. The GPU is full when a hibernated GPU kernel wakes.
         kernel_id, channel = await server.start_kernel()
-        await step("full_gpu.fill", lambda: channel.run(gpu_fill))
+        await step("full_gpu.fill", lambda: fill(channel, gpu_fill))
         await step("full_gpu.hibernate", lambda: hibernate(server, kernel_id))
         with gpu_hog():
             await step("full_gpu.wake", lambda: wake(server, kernel_id))
