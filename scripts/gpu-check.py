@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -189,6 +190,7 @@ async def main() -> None:
         if log.exists():
             (OUT / "server.log").write_text(log.read_text(errors="replace")[-200_000:])
         (OUT / "gpu-check.json").write_text(json.dumps(results, indent=1, default=str))
+        shutil.rmtree(work, ignore_errors=True)  # images of GPU kernels: gigabytes
 
 
 if __name__ == "__main__":
