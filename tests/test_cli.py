@@ -8,7 +8,6 @@ import json
 import os
 import pty
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ import pytest
 
 from kernelhib import provisioner, server_client
 from kernelhib.cli import human_bytes, main
+from kernelhib.testing import free_port
 
 from .conftest import TRACE_A_CHILD, ServerProcess, wait_for_state
 from .test_criu_install import require_installable
@@ -169,12 +169,6 @@ def test_install_criu_failure_exits_1(tmp_path):
     assert failed.returncode == 1
     assert failed.stderr.startswith("kernelhib install-criu: ")
     assert "Traceback" not in failed.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_hibernate_without_server_exits_1():
