@@ -757,14 +757,16 @@ class KernelHibernator(LoggingConfigurable):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _until_responsive(self, km: KernelManager) -> None:
-        """Wait until the kernel answers on its shell channel.
+    async def _until_responsive(self, km: KernelManager, cell_running: bool = False) -> None:
+        """Wait until the kernel answers.
 
         It is asked for comm_info, which changes nothing in the kernel, not
         kernel_info: IPython builds kernel_info's banner with ``random.choice``
         on the global generator, so a wake would move the user's random state.
         jupyter_client's ``wait_for_ready`` would also drain IOPub for 0.2 s,
-        which every wake would pay for.
+        which every wake would pay for. A kernel woken with a cell running
+        (a forced hibernation) answers its shell only once the cell ends: it is
+        asked on its control channel, which ipykernel serves meanwhile.
         """
         # The server's own IOPub subscribers (activity, %hibernate requests)
         # reconnect at once, rather than at their next retry, and miss nothing
@@ -772,12 +774,18 @@ class KernelHibernator(LoggingConfigurable):
         self.kernel_manager.rewatch(km.kernel_id)
         deadline = time.monotonic() + self.wake_timeout
         async with _client(km) as client:
+            channel, receive = (
+                (client.control_channel, client.get_control_msg)
+                if cell_running
+                else (client.shell_channel, client.get_shell_msg)
+            )
             while time.monotonic() < deadline:
-                msg_id = client.comm_info()
+                request = client.session.msg("comm_info_request", {})
+                channel.send(request)
                 with contextlib.suppress(queue.Empty):
                     while True:
-                        reply = await client.get_shell_msg(timeout=1)
-                        if reply["parent_header"].get("msg_id") == msg_id:
+                        reply = await receive(timeout=1)
+                        if reply["parent_header"].get("msg_id") == request["header"]["msg_id"]:
                             return
         raise EngineError(f"the kernel did not answer within {self.wake_timeout:.0f} s")
 
@@ -1071,7 +1079,8 @@ class _Lent:
         await self.km.start_kernel(**self.km._launch_args)
 
     async def until_responsive(self) -> None:
-        await self.hibernator._until_responsive(self.km)
+        # Hibernated busy (forced, so CRIU): the woken process carries on with the cell.
+        await self.hibernator._until_responsive(self.km, self.record.execution_state == "busy")
 
     async def end(self) -> None:
         await self.hibernator._end_process(self.km)
