@@ -16,7 +16,7 @@ import queue
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -38,15 +38,13 @@ from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
 from .journal import server_id
-from .kernel_process import gpu_memory, process_start, tree_memory
+from .kernel_process import process_start
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 from .recovery import boot_ticks, recover
 
 EVENT_SCHEMA_ID = "https://kernelhib.org/events/hibernation/v1"
 EVENT_SCHEMA = Path(__file__).parent / "events" / "hibernation.yaml"
-# Inside a CRIU image: the optional dill snapshot woken from if the restore fails.
-DILL_SNAPSHOT = "dill"
 
 
 class Reason(str, Enum):
@@ -295,8 +293,10 @@ class KernelHibernator(LoggingConfigurable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._records: dict[str, Hibernation] = {}
-        self._criu = CriuEngine(self.criu_path, CriuService(parent=self).socket)
-        self._dill = DillEngine()
+        self._dill = DillEngine(self.snapshot_timeout)
+        self._criu = CriuEngine(
+            self.criu_path, CriuService(parent=self).socket, self._dill, self.keep_dill_snapshot
+        )
         self._store: ImageStore | None = None
         self.idle = IdleWatcher(self)
         self._background: set[asyncio.Future[Any]] = set()
@@ -411,12 +411,12 @@ class KernelHibernator(LoggingConfigurable):
 
     async def _journal(self, km: KernelManager, state: str) -> None:
         """Record durably what the kernel's process is doing (see :mod:`kernelhib.journal`)."""
-        pid = km.provisioner.pid if km.provisioner else 0
+        pid = _pid(km)
         entry = journal.Entry(
             km.kernel_id,
             self.server_id,
             state,
-            pid or 0,
+            pid,
             process_start(pid) if pid else 0,
             _facts(km),
         )
@@ -467,9 +467,9 @@ class KernelHibernator(LoggingConfigurable):
                 "to freeze the cell and let it carry on after wake",
                 Reason.BUSY,
             )
-        if busy and chosen is self._dill:
+        if busy and not chosen.saves_running_cells:
             raise Conflict(
-                f"kernel {kernel_id} is busy running a cell, and the dill engine can only "
+                f"kernel {kernel_id} is busy running a cell, and the {chosen.name} engine can only "
                 f"save a kernel between cells ({fallback or 'dill was requested'})",
                 Reason.BUSY_NEEDS_CRIU,
             )
@@ -491,14 +491,14 @@ class KernelHibernator(LoggingConfigurable):
                 image = await self._write_image(km, chosen, fallback)
             except EngineError as exc:
                 # CRIU failed before the kernel was touched: same request, other engine.
-                if requested != "auto" or chosen is not self._criu or busy:
+                if requested != "auto" or chosen is self._dill or busy:
                     raise
                 fallback = f"CRIU could not checkpoint this kernel: {exc}"
                 self.log.warning("Kernel %s: %s; using dill", kernel_id, fallback)
                 chosen = self._dill
                 image = await self._write_image(km, chosen, fallback)
             try:
-                await self._end_process(km, graceful=chosen is self._dill)
+                await self._end_process(km, graceful=chosen.graceful_end)
             except BaseException as exc:
                 if isinstance(exc, Exception) and await self._has_ended(km):
                     # It ended all the same: the committed image is all there is of it now.
@@ -544,8 +544,8 @@ class KernelHibernator(LoggingConfigurable):
         that fills the disk would fail late, after freezing the kernel for as
         long as it wrote, and leave other servers' files short of space.
         """
-        pid = km.provisioner.pid if km.provisioner else 0
-        needed = await asyncio.to_thread(self._image_estimate, pid, engine) if pid else 0
+        pid = _pid(km)
+        needed = await asyncio.to_thread(engine.estimate, pid) if pid else 0
         taken = sum(r.image_bytes for r in self.kept()) + sum(self._reserved.values())
         if self.max_image_bytes and taken + needed > self.max_image_bytes:
             raise NoRoom(
@@ -568,47 +568,21 @@ class KernelHibernator(LoggingConfigurable):
             )
         return needed
 
-    def _image_estimate(self, pid: int, engine: Engine) -> int:
-        """About how large the kernel's image will be.
-
-        CRIU writes the kernel's private memory, and a kept dill snapshot comes
-        on top. dill pickles the kernel's variables: its private memory bounds
-        them (the interpreter's own is not saved), plus the GPU memory it
-        copies out.
-        """
-        memory = tree_memory(pid)
-        if engine is self._dill:
-            return memory + gpu_memory(pid)
-        return memory * 2 if self.keep_dill_snapshot else memory
-
     async def _write_image(self, km: KernelManager, engine: Engine, fallback: str) -> Image:
-        """Save the kernel into a committed image. CRIU leaves the kernel stopped, dill running.
+        """Save the kernel into a committed image; the engine may leave it stopped (CRIU).
 
         On failure the kernel runs on untouched and no image or staging is left.
         """
-        provisioner = km.provisioner
-        # CRIU writes each memory page file once, front to back: hashed as it is written.
-        appended = self._criu.is_bulk if engine is self._criu else None
-        staging = await asyncio.to_thread(self.store.stage, km.kernel_id, appended)
+        staging = await asyncio.to_thread(self.store.stage, km.kernel_id, engine.is_bulk)
         meta: dict[str, Any] = {
             "engine": engine.name,
-            "pid": provisioner.pid,
+            "pid": km.provisioner.pid,
             "execution_state": km.execution_state,
             "fallback_reason": fallback,
             **_facts(km),
         }
         try:
-            if engine is self._criu:
-                if self.keep_dill_snapshot and km.execution_state != "busy":
-                    # Its losses matter only if a wake ever falls back to it.
-                    await self._save_dill(km, staging / DILL_SNAPSHOT)
-                meta["freed_bytes"] = await provisioner.checkpoint(self._criu, staging)
-            else:
-                # Measured while the kernel still runs: it ends after the commit.
-                meta["freed_bytes"] = tree_memory(provisioner.pid) if provisioner.pid else 0
-                if provisioner.pid:
-                    meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, provisioner.pid)
-                meta["lost"] = await self._save_dill(km, staging)
+            meta.update(await engine.write(_Lent(self, km, self.record(km.kernel_id)), staging))
             try:
                 return await asyncio.to_thread(self.store.commit, staging, km.kernel_id, meta)
             except BaseException:
@@ -617,12 +591,6 @@ class KernelHibernator(LoggingConfigurable):
         except BaseException:
             await asyncio.to_thread(self.store.discard, staging)
             raise
-
-    async def _save_dill(self, km: KernelManager, directory: Path) -> list[dict[str, str]]:
-        directory.mkdir(mode=0o700, exist_ok=True)
-        async with _client(km) as client:
-            result = await self._dill.save(client, directory, self.snapshot_timeout)
-        return result["lost"]
 
     def _resume(self, km: KernelManager) -> None:
         if isinstance(km.provisioner, HibernatingProvisioner):
@@ -677,7 +645,6 @@ class KernelHibernator(LoggingConfigurable):
         km = self._kernel(kernel_id)
         record.state, started = "waking", time.monotonic()
         self._emit("wake-started", kernel_id, record)
-        restarted = True
         try:
             # Until the wake ends, a process restored from the image is unverified:
             # if the server dies, it is ended and the image stays.
@@ -685,32 +652,10 @@ class KernelHibernator(LoggingConfigurable):
             image = await asyncio.to_thread(self.store.read, kernel_id)
             # The signature check covers the engine too: a manifest claiming CRIU
             # for a dill image, to get its pickles checked late, is refused.
-            is_criu = image.manifest.get("engine") == self._criu.name
-            pages = self._check_pages(image) if is_criu else None
-            try:
-                await asyncio.to_thread(
-                    self.store.authenticate, image, self._criu.is_bulk if is_criu else None
-                )
-                # CRIU reads whatever image files it finds: it gets only the signed ones.
-                linked = await asyncio.to_thread(self.store.restore_dir, image) if pages else None
-            except BaseException:
-                if pages:
-                    await asyncio.gather(pages, return_exceptions=True)
-                raise
-            if pages and linked:
-                try:
-                    await self._restore_criu(km, Image(linked, image.manifest), pages)
-                    restarted = False
-                except EngineError as exc:
-                    if not (image.path / DILL_SNAPSHOT).is_dir():
-                        raise
-                    record.fallback_reason = f"CRIU could not restore the kernel: {exc}"
-                    self.log.warning("Kernel %s: %s; waking from its dill snapshot", kernel_id, exc)
-                    record.lost = await self._restore_dill(km, image.path / DILL_SNAPSHOT)
-                finally:
-                    await asyncio.to_thread(self.store.discard, linked)
-            else:
-                record.lost = await self._restore_dill(km, image.path)
+            engine = self._criu if image.manifest.get("engine") == self._criu.name else self._dill
+            async with self._lend(image, engine) as lent:
+                woken = await engine.wake(_Lent(self, km, record), lent)
+            record.lost = woken.lost
             try:
                 # The process is the kernel now, then the image is gone for good,
                 # before the wake is reported: whenever the server dies, or the
@@ -734,12 +679,12 @@ class KernelHibernator(LoggingConfigurable):
 
         # A cell frozen by a forced hibernation runs on; anything else is idle now.
         km.execution_state = (
-            "busy" if record.execution_state == "busy" and not restarted else "idle"
+            "busy" if record.execution_state == "busy" and not woken.restarted else "idle"
         )
         km.reason = ""
         km.last_activity = datetime.now(timezone.utc)  # the idle timeout starts over
         km.start_restarter()
-        if restarted and km._restarter is not None:
+        if woken.restarted and km._restarter is not None:
             # A new process: tell connected front ends, as an auto-restart does.
             km._restarter._fire_callbacks("restart")
         record.seconds = time.monotonic() - started
@@ -753,45 +698,22 @@ class KernelHibernator(LoggingConfigurable):
         # making the user wait for a multi-GiB delete.
         self._later(asyncio.to_thread(self.store.discard, retired))
 
-    def _check_pages(self, image: Image) -> asyncio.Future[None]:
-        """Start checking a CRIU image's memory pages against the (not yet authenticated)
-        manifest: the bulk of the image, read from the disk while everything else
-        is checked and CRIU starts. The result counts only once the signature passed."""
-        files = image.manifest.get("files", {})
-        bulk = [name for name in files if self._criu.is_bulk(name)]
-        return asyncio.ensure_future(asyncio.to_thread(self.store.verify, image, bulk))
+    @contextlib.asynccontextmanager
+    async def _lend(self, image: Image, engine: Engine) -> AsyncIterator[_LentImage]:
+        """The image, authenticated, for ``engine`` to wake from.
 
-    async def _restore_criu(self, km: KernelManager, image: Image, pages: Awaitable[None]) -> None:
-        """Restore the kernel while its memory pages are checked; run it once they pass.
-
-        Both read the same files, so the disk reads them once.
+        Its bulk files are checked against the (not yet authenticated) manifest
+        while everything else is, and while the engine starts reading them: the
+        bulk of the image, read from the disk once. That check counts only once
+        the signature passed.
         """
+        bulk = [name for name in image.manifest.get("files", {}) if engine.is_bulk(name)]
+        checked = asyncio.ensure_future(asyncio.to_thread(self.store.verify, image, bulk))
         try:
-            await km.provisioner.restore(self._criu, image.path)
-        except BaseException:
-            await asyncio.gather(pages, return_exceptions=True)
-            raise
-        try:
-            await pages
-            km.provisioner.resume()
-            await self._until_responsive(km)
-        except BaseException:
-            await self._end_process(km)
-            raise
-
-    async def _restore_dill(self, km: KernelManager, snapshot: Path) -> list[dict[str, str]]:
-        """Start a fresh kernel on the same ports and key, and load the snapshot into it."""
-        if isinstance(km.provisioner, HibernatingProvisioner):
-            km.provisioner.hibernated = False
-        await km.start_kernel(**km._launch_args)
-        try:
-            await self._until_responsive(km)
-            async with _client(km) as client:
-                result = await self._dill.load(client, snapshot, self.snapshot_timeout)
-        except BaseException:
-            await self._end_process(km)
-            raise
-        return result["lost"]
+            await asyncio.to_thread(self.store.authenticate, image, engine.is_bulk)
+            yield _LentImage(self.store, image, checked)
+        finally:
+            await asyncio.gather(checked, return_exceptions=True)
 
     def _later(self, work: Any) -> None:
         """Run ``work`` in the background, holding a reference until it is done."""
@@ -986,6 +908,11 @@ def _why_not(engine: Engine) -> str:
     return f"{engine.name} cannot run here: {availability.detail}{remedy}"
 
 
+def _pid(km: KernelManager) -> int:
+    """The kernel's process, 0 when it has none."""
+    return (km.provisioner.pid if km.provisioner else 0) or 0
+
+
 def _facts(km: KernelManager) -> dict[str, Any]:
     """What a new server needs to take the kernel over after this one stops or dies:
     its kernelspec, working directory, and its ports and key."""
@@ -1006,3 +933,74 @@ async def _client(km: KernelManager) -> AsyncIterator[Any]:
         yield client
     finally:
         client.stop_channels()
+
+
+@dataclass
+class _Lent:
+    """A kernel lent to its engine (:class:`~kernelhib.engines.base.Kernel`): the
+    hibernator's own steps over the kernel manager and the provisioner, which
+    engines do not reach."""
+
+    hibernator: KernelHibernator
+    km: KernelManager
+    record: Hibernation
+
+    @property
+    def pid(self) -> int:
+        return _pid(self.km)
+
+    @property
+    def busy(self) -> bool:
+        return self.km.execution_state == "busy"
+
+    def client(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        return _client(self.km)
+
+    async def checkpoint(self, engine: CriuEngine, directory: Path) -> int:
+        return await self.km.provisioner.checkpoint(engine, directory)
+
+    async def restore(self, engine: CriuEngine, directory: Path) -> None:
+        await self.km.provisioner.restore(engine, directory)
+
+    def resume(self) -> None:
+        self.hibernator._resume(self.km)
+
+    async def start(self) -> None:
+        if isinstance(self.km.provisioner, HibernatingProvisioner):
+            self.km.provisioner.hibernated = False
+        await self.km.start_kernel(**self.km._launch_args)
+
+    async def until_responsive(self) -> None:
+        await self.hibernator._until_responsive(self.km)
+
+    async def end(self) -> None:
+        await self.hibernator._end_process(self.km)
+
+    def fell_back(self, reason: str) -> None:
+        self.record.fallback_reason = reason
+        self.hibernator.log.warning("Kernel %s: %s; falling back", self.km.kernel_id, reason)
+
+
+@dataclass
+class _LentImage:
+    """An image lent to its engine for a wake
+    (:class:`~kernelhib.engines.base.StoredImage`), over the image store."""
+
+    store: ImageStore
+    image: Image
+    checked: asyncio.Future[None]  # the check of the engine's bulk files
+
+    @property
+    def path(self) -> Path:
+        return self.image.path
+
+    async def verified(self) -> None:
+        await self.checked
+
+    @contextlib.asynccontextmanager
+    async def signed_copy(self) -> AsyncIterator[Path]:
+        linked = await asyncio.to_thread(self.store.restore_dir, self.image)
+        try:
+            yield linked
+        finally:
+            await asyncio.to_thread(self.store.discard, linked)

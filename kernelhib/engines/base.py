@@ -1,15 +1,23 @@
-"""What every hibernation engine promises.
+"""What every hibernation engine promises, and what it may ask of the kernel it saves.
 
-An engine turns a live kernel into files and back. Engines know nothing about
-Jupyter servers: the provisioner and the hibernator above them decide when to
-call them and what to do when they fail.
+An engine turns a live kernel into files and back, each in its own way: the
+hibernator calls :meth:`Engine.write` and :meth:`Engine.wake` and never
+asks which engine it holds. Engines know nothing about Jupyter servers or the
+image store: the hibernator lends them the kernel (:class:`Kernel`) and the
+image being woken (:class:`StoredImage`), and decides when to call them and
+what to do when they fail.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from .criu import CriuEngine
 
 # What a request may name: an engine, or "auto" for CRIU where it works, else dill.
 ENGINE_CHOICES = ("auto", "criu", "dill")
@@ -28,10 +36,85 @@ class EngineError(RuntimeError):
     """An engine step failed. The message says which step and why."""
 
 
+@dataclass(frozen=True)
+class Woken:
+    """How a wake went: the hibernator reports it to front ends."""
+
+    restarted: bool  # a fresh process: front ends are told, as after a restart
+    lost: list[dict[str, str]] = field(default_factory=list)  # what a dill load could not keep
+
+
+class Kernel(Protocol):
+    """The kernel being hibernated or woken, as the hibernator lends it to an engine.
+
+    The hibernator implements it over jupyter_client's kernel manager and the
+    provisioner, which owns the process (its pid namespace, its pidfd): engines
+    reach neither directly.
+    """
+
+    @property
+    def pid(self) -> int:
+        """The kernel's process, 0 when it has none."""
+
+    @property
+    def busy(self) -> bool:
+        """Whether a cell runs (a forced hibernation freezes it)."""
+
+    def client(self) -> AbstractAsyncContextManager[Any]:
+        """A kernel client of the server's, shell and control channels started."""
+
+    async def checkpoint(self, engine: CriuEngine, directory: Path) -> int:
+        """Have ``engine`` dump the process into ``directory`` and leave it stopped;
+        return the memory it held. On failure the process runs on."""
+
+    async def restore(self, engine: CriuEngine, directory: Path) -> None:
+        """Have ``engine`` restore the process from ``directory``, left stopped."""
+
+    def resume(self) -> None:
+        """Let the process that :meth:`checkpoint` or :meth:`restore` left stopped run."""
+
+    async def start(self) -> None:
+        """Start a fresh kernel process, on the kernel's ports and key."""
+
+    async def until_responsive(self) -> None:
+        """Return once the kernel answers; EngineError if it does not in time."""
+
+    async def end(self) -> None:
+        """End the process of a wake that failed: the image stays."""
+
+    def fell_back(self, reason: str) -> None:
+        """Note that the wake does not use the image's engine, and why."""
+
+
+class StoredImage(Protocol):
+    """A committed image being woken, as the hibernator lends it to its engine.
+
+    Its signature and every file have been checked, except the files the
+    engine only appends to (:meth:`Engine.is_bulk`): those are checked while
+    the engine reads them, and nothing may run before :meth:`verified` returns.
+    """
+
+    @property
+    def path(self) -> Path:
+        """The image's directory."""
+
+    async def verified(self) -> None:
+        """Return once the bulk files passed their check; raise if one did not."""
+
+    def signed_copy(self) -> AbstractAsyncContextManager[Path]:
+        """A fresh directory holding only the image's signed files, removed after use:
+        for a reader that opens whatever file it finds there (CRIU)."""
+
+
 class Engine(ABC):
     """Base class of the hibernation engines, chosen by :attr:`name`."""
 
     name: ClassVar[str]
+    # Whether a kernel busy running a cell can be saved, the cell carrying on after the wake.
+    saves_running_cells: ClassVar[bool]
+    # Whether the kernel is asked to exit once its image is committed, rather than killed:
+    # a clean exit flushes what its open files still buffer, if the image does not keep them.
+    graceful_end: ClassVar[bool]
 
     @abstractmethod
     def availability(self) -> Availability:
@@ -40,3 +123,32 @@ class Engine(ABC):
         Must be cheap after the first call: front ends ask before every
         hibernation.
         """
+
+    @abstractmethod
+    def estimate(self, pid: int) -> int:
+        """About how many bytes the image of the kernel process ``pid`` will take:
+        a hibernation that would not fit is refused before the kernel is touched.
+        Blocking."""
+
+    @abstractmethod
+    async def write(self, kernel: Kernel, staging: Path) -> dict[str, Any]:
+        """Save the kernel into ``staging``; return what the manifest records of it
+        (``freed_bytes``, and ``gpu_freed_bytes`` and ``lost`` where they apply).
+
+        On failure the kernel runs on untouched. On success it may be left
+        stopped; the hibernator ends it once the image is committed.
+        """
+
+    @abstractmethod
+    async def wake(self, kernel: Kernel, image: StoredImage) -> Woken:
+        """Bring the kernel back from ``image``, running and answering.
+
+        On failure no process of it is left (:meth:`Kernel.end`) and the image
+        is untouched.
+        """
+
+    @staticmethod
+    def is_bulk(name: str) -> bool:
+        """Whether an image file is raw data the engine only appends to and never
+        parses: hashed as it is written, and checked while the restore reads it."""
+        return False

@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import Availability, Engine, EngineError
+from ..kernel_process import tree_memory
+from .base import Availability, Engine, EngineError, Kernel, StoredImage, Woken
 from .criu_install import CriuBinary, CriuUnavailable, locate_criu, version_text
 from .criu_service import ServiceError, acall, call
+from .dill import DillEngine
 
 # One table of options serves both drivers: RPC field name -> command-line flag.
 _COMMON = {
@@ -42,6 +44,8 @@ _PIDFILE = "restored.pid"
 _PROC_MOUNT = "proc.crtools"
 # With the service, the image is the service's; the engine's directory names it.
 SERVICE_IMAGE = "criud.json"
+# Inside a CRIU image: the optional dill snapshot woken from if the restore fails.
+DILL_SNAPSHOT = "dill"
 
 
 def _log_errors(log: Path, limit: int = 6) -> str:
@@ -134,13 +138,27 @@ def _import_pycriu(binary: CriuBinary) -> Any | None:
 
 class CriuEngine(Engine):
     """Checkpoint/restore of the kernel's process tree (root only, CRIU >= 4.2), or
-    through kernelhib-criud, the root service at ``service`` (a unix socket)."""
+    through kernelhib-criud, the root service at ``service`` (a unix socket).
+
+    With ``dill``, a wake whose restore fails wakes from the image's dill
+    snapshot, if it has one; ``keep_dill_snapshot`` has each image keep one.
+    """
 
     name = "criu"
+    saves_running_cells = True  # frozen mid-cell, it carries on after the wake
+    graceful_end = False  # left stopped by the dump, it is killed: its image has all of it
 
-    def __init__(self, criu_path: str = "", service: str = "") -> None:
+    def __init__(
+        self,
+        criu_path: str = "",
+        service: str = "",
+        dill: DillEngine | None = None,
+        keep_dill_snapshot: bool = False,
+    ) -> None:
         self.criu_path = criu_path
         self.service = service
+        self.dill = dill
+        self.keep_dill_snapshot = keep_dill_snapshot
         self._driver: _CliDriver | _RpcDriver | None = None
         self._dump_lock = asyncio.Lock()
 
@@ -211,9 +229,50 @@ class CriuEngine(Engine):
 
     @staticmethod
     def is_bulk(name: str) -> bool:
-        """Whether an image file is raw memory, copied into the process and never parsed:
-        such files may be checked while the restore reads them."""
+        """Memory page files: raw memory, written once front to back, copied into the
+        process and never parsed."""
         return name.startswith("pages-") and name.endswith(".img")
+
+    def estimate(self, pid: int) -> int:
+        """The kernel's private memory, and a kept dill snapshot on top."""
+        memory = tree_memory(pid)
+        return memory * 2 if self.keep_dill_snapshot else memory
+
+    async def write(self, kernel: Kernel, staging: Path) -> dict[str, Any]:
+        """Dump the kernel into ``staging``, leaving it stopped (and a dill snapshot
+        beside, if asked and the kernel is between cells)."""
+        if self.dill and self.keep_dill_snapshot and not kernel.busy:
+            # Its losses matter only if a wake ever falls back to it.
+            await self.dill.save(kernel, staging / DILL_SNAPSHOT)
+        return {"freed_bytes": await kernel.checkpoint(self, staging)}
+
+    async def wake(self, kernel: Kernel, image: StoredImage) -> Woken:
+        """Restore the kernel from the image's signed files, or from its dill snapshot
+        if CRIU cannot and the image keeps one."""
+        try:
+            async with image.signed_copy() as directory:
+                await self._restore(kernel, directory, image)
+        except EngineError as exc:
+            snapshot = image.path / DILL_SNAPSHOT
+            if self.dill is None or not snapshot.is_dir():
+                raise
+            kernel.fell_back(f"CRIU could not restore the kernel: {exc}")
+            return Woken(restarted=True, lost=await self.dill.load(kernel, snapshot))
+        return Woken(restarted=False)
+
+    async def _restore(self, kernel: Kernel, directory: Path, image: StoredImage) -> None:
+        """Restore the kernel while its memory pages are checked; run it once they pass.
+
+        Both read the same files, so the disk reads them once.
+        """
+        await kernel.restore(self, directory)
+        try:
+            await image.verified()
+            kernel.resume()
+            await kernel.until_responsive()
+        except BaseException:
+            await kernel.end()
+            raise
 
     async def restore(self, image_dir: Path) -> int:
         """Restore the tree from ``image_dir`` as our child, stopped; return its host pid.

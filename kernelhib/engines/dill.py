@@ -13,13 +13,15 @@ environment, only dill.
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib.util
 import json
 import queue
 from pathlib import Path
 from typing import Any
 
-from .base import Availability, Engine, EngineError
+from ..kernel_process import gpu_memory, tree_memory
+from .base import Availability, Engine, EngineError, Kernel, StoredImage, Woken
 
 _SNAPSHOT_SOURCE = Path(__file__).with_name("dill_snapshot.py")
 
@@ -47,9 +49,17 @@ def read_result(expression: dict[str, Any]) -> dict[str, Any]:
 
 
 class DillEngine(Engine):
-    """Pickle the user's variables one by one; reload them into a fresh kernel."""
+    """Pickle the user's variables one by one; reload them into a fresh kernel.
+
+    ``timeout``: seconds a kernel has to save or load its snapshot.
+    """
 
     name = "dill"
+    saves_running_cells = False  # the snapshot is taken by a request the kernel runs
+    graceful_end = True  # a dill wake does not reopen the kernel's files
+
+    def __init__(self, timeout: float = 600) -> None:
+        self.timeout = timeout
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("dill") is None:
@@ -64,24 +74,52 @@ class DillEngine(Engine):
             "a wake starts a fresh kernel: threads, comms and open handles are not kept",
         )
 
-    async def save(self, client: Any, directory: Path, timeout: float) -> dict[str, Any]:
-        """Snapshot the kernel's namespace into ``directory``; the kernel runs on untouched."""
-        return await self._call(client, "save", directory, timeout)
+    def estimate(self, pid: int) -> int:
+        """The kernel's private memory bounds its variables (the interpreter's own is
+        not saved), plus the GPU memory it copies out."""
+        return tree_memory(pid) + gpu_memory(pid)
 
-    async def load(self, client: Any, directory: Path, timeout: float) -> dict[str, Any]:
-        """Load a snapshot into a fresh kernel; return what was restored and what was lost."""
-        return await self._call(client, "load", directory, timeout)
+    async def write(self, kernel: Kernel, staging: Path) -> dict[str, Any]:
+        meta: dict[str, Any] = {"freed_bytes": 0}
+        if pid := kernel.pid:
+            # Measured while the kernel still runs: it ends after the commit.
+            meta["freed_bytes"] = await asyncio.to_thread(tree_memory, pid)
+            meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, pid)
+        meta["lost"] = await self.save(kernel, staging)
+        return meta
 
-    async def _call(
-        self, client: Any, function: str, directory: Path, timeout: float
-    ) -> dict[str, Any]:
+    async def save(self, kernel: Kernel, directory: Path) -> list[dict[str, str]]:
+        """Snapshot the kernel's namespace into ``directory``; the kernel runs on untouched.
+        Return what could not be saved."""
+        directory.mkdir(mode=0o700, exist_ok=True)
+        async with kernel.client() as client:
+            result = await self._call(client, "save", directory)
+        return result["lost"]
+
+    async def wake(self, kernel: Kernel, image: StoredImage) -> Woken:
+        return Woken(restarted=True, lost=await self.load(kernel, image.path))
+
+    async def load(self, kernel: Kernel, snapshot: Path) -> list[dict[str, str]]:
+        """Start a fresh kernel on the same ports and key, and load the snapshot into it;
+        return what could not be restored."""
+        await kernel.start()
+        try:
+            await kernel.until_responsive()
+            async with kernel.client() as client:
+                result = await self._call(client, "load", snapshot)
+        except BaseException:
+            await kernel.end()
+            raise
+        return result["lost"]
+
+    async def _call(self, client: Any, function: str, directory: Path) -> dict[str, Any]:
         expression = call_expression(function, str(directory))
         msg_id = client.execute(
             "", silent=True, store_history=False, user_expressions={"snapshot": expression}
         )
         while True:
             try:
-                reply = await client.get_shell_msg(timeout=timeout)
+                reply = await client.get_shell_msg(timeout=self.timeout)
             except queue.Empty as exc:
                 raise EngineError(f"the kernel did not answer the dill {function} in time") from exc
             if reply["parent_header"].get("msg_id") == msg_id:
