@@ -1,0 +1,462 @@
+"""Lazy CRIU wake: the kernel runs before its memory is back, and every byte it
+gets has been verified first.
+
+``criu restore --lazy-pages`` leaves the memory that CRIU may restore lazily
+registered with userfaultfd and hands the descriptors to a ``criu lazy-pages``
+daemon. The daemon answers the kernel's page faults and, once the restore has
+finished, copies in the rest in address order. Here the daemon reads no page
+file: it asks us, over a socketpair it inherits (``--page-server --ps-socket``),
+with CRIU's page-server protocol (criu/page-xfer.c):
+
+* request, 32 bytes: ``struct page_server_iov {u32 cmd; u64 nr_pages; u64 vaddr;
+  u64 dst_id}`` with ``cmd = PS_IOV_GET``, ``dst_id`` = the task's pid in the
+  image, ``vaddr`` = the address in the image's pagemap;
+* reply: the same header with ``cmd = PS_IOV_ADD_F | PE_PRESENT << 16`` and
+  ``nr_pages`` at most what was asked, then that many pages. Replies go in
+  request order (the daemon matches them first in, first out);
+* ``PS_IOV_FORCE_CLOSE`` once every task's memory is in (or the tasks are gone);
+  we answer with a zero ``int32`` and the daemon exits.
+
+A socketpair, not a TCP port: a port on loopback would let any local user ask
+for the kernel's memory. The daemon still reads the pagemap images and the
+pages CRIU restores eagerly (stacks, shared memory) from the image directory;
+those are written there, verified, before the restore (:func:`write_eager_pages`).
+
+A page that fails verification is never sent. The daemon would then close its
+userfaultfd, and the kernel would see zero pages where its data was (Linux
+fills missing pages of an unregistered anonymous mapping with zeros), so the
+server kills the restored tree first, waits for it to be gone, and only then
+lets the daemon go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import blake3
+
+from .base import EngineError
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# criu/page-xfer.c, criu/include/pagemap.h, criu/include/magic.h (CRIU 4.2).
+_PSI = struct.Struct("<I4xQQQ")  # natural alignment: 4 bytes of padding after cmd
+_PS_IOV_ADD_F = 6
+_PS_IOV_GET = 7
+_PS_IOV_CLOSE = 0x1023
+_PS_IOV_FORCE_CLOSE = 0x1024
+_PS_CMD_BITS = 16
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+_IMG_COMMON_MAGIC = 0x54564319
+_PAGEMAP_MAGIC = 0x56084025
+_TASK_PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
+# The daemon's socket for the restore; one left by an earlier wake makes it fail.
+LAZY_SOCKET = "lazy-pages.socket"
+LAZY_LOG = "lazy-pages.log"
+
+
+class PageSource(Protocol):
+    """One ``pages-<id>.img`` of an image, read through its verification."""
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Verified bytes; raises if any block in the range fails verification."""
+        ...
+
+
+class LazyPageError(EngineError):
+    """The lazy wake failed: the restored kernel has been ended; its image is kept."""
+
+
+@dataclass(frozen=True)
+class PagemapEntry:
+    vaddr: int
+    nr_pages: int
+    flags: int
+    offset: int  # in the pages file; meaningful where PE_PRESENT
+
+    @property
+    def end(self) -> int:
+        return self.vaddr + self.nr_pages * PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class Pagemap:
+    """A pagemap image: where each present run of pages lies in its pages file."""
+
+    pages_name: str
+    entries: tuple[PagemapEntry, ...]
+
+    def locate(self, vaddr: int, nr_pages: int) -> tuple[int, int]:
+        """(offset in the pages file, pages) of the present run starting at ``vaddr``,
+        clipped to its entry; the daemon asks again for the rest."""
+        for entry in self.entries:
+            if entry.vaddr <= vaddr < entry.end and entry.flags & PE_PRESENT:
+                available = (entry.end - vaddr) // PAGE_SIZE
+                return entry.offset + vaddr - entry.vaddr, min(nr_pages, available)
+        raise LazyPageError(f"no present page at {vaddr:#x} in the pagemap of {self.pages_name}")
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(message: bytes) -> dict[int, int]:
+    """The varint fields of a protobuf message (all a pagemap holds); others skipped."""
+    fields: dict[int, int] = {}
+    pos = 0
+    while pos < len(message):
+        key, pos = _varint(message, pos)
+        wire = key & 7
+        if wire == 0:
+            fields[key >> 3], pos = _varint(message, pos)
+        elif wire == 2:
+            length, pos = _varint(message, pos)
+            pos += length
+        else:
+            pos += {1: 8, 5: 4}[wire]
+    return fields
+
+
+def _messages(data: bytes) -> Iterator[bytes]:
+    pos = 8
+    while pos < len(data):
+        (size,) = struct.unpack_from("<I", data, pos)
+        yield data[pos + 4 : pos + 4 + size]
+        pos += 4 + size
+
+
+def parse_pagemap(data: bytes, name: str = "pagemap") -> Pagemap:
+    """Decode a pagemap image: two magics, then size-prefixed PagemapHead and
+    PagemapEntry messages (images/pagemap.proto)."""
+    try:
+        if struct.unpack_from("<II", data) != (_IMG_COMMON_MAGIC, _PAGEMAP_MAGIC):
+            raise ValueError("not a pagemap image")
+        messages = _messages(data)
+        pages_id = _fields(next(messages))[1]
+        entries, offset = [], 0
+        for message in messages:
+            fields = _fields(message)
+            flags = fields.get(4, PE_PARENT if fields.get(3) else PE_PRESENT)
+            nr_pages = fields.get(5, fields[2])
+            entries.append(PagemapEntry(fields[1], nr_pages, flags, offset))
+            if flags & PE_PRESENT:
+                offset += nr_pages * PAGE_SIZE
+    except (ValueError, KeyError, IndexError, StopIteration, struct.error) as exc:
+        raise LazyPageError(f"{name} is not a readable CRIU pagemap image ({exc})") from exc
+    if any(entry.flags & PE_PARENT for entry in entries):
+        raise LazyPageError(f"{name} refers to a parent image; kernelhib writes none")
+    return Pagemap(f"pages-{pages_id}.img", tuple(entries))
+
+
+def read_pagemap(path: Path) -> Pagemap:
+    return parse_pagemap(path.read_bytes(), str(path))
+
+
+def write_eager_pages(image_dir: Path, open_pages: Callable[[str], PageSource]) -> int:
+    """Write into ``image_dir`` the pages a lazy restore reads from files: every
+    present page of shared memory and the non-lazy ones of each task (its
+    stacks). The lazy runs stay holes. Returns the bytes written. Blocking.
+
+    The pages files must not exist yet: one there may be the stored image itself
+    (a hard link), and this would write into it.
+    """
+    written = 0
+    files: dict[str, int] = {}
+    try:
+        for path in sorted(image_dir.glob("pagemap-*.img")):
+            pagemap = read_pagemap(path)
+            task = _TASK_PAGEMAP.fullmatch(path.name) is not None
+            eager = [
+                entry
+                for entry in pagemap.entries
+                if entry.flags & PE_PRESENT and not (task and entry.flags & PE_LAZY)
+            ]
+            if pagemap.pages_name not in files:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                files[pagemap.pages_name] = os.open(image_dir / pagemap.pages_name, flags, 0o600)
+            source = open_pages(pagemap.pages_name) if eager else None
+            for entry in eager:
+                assert source is not None
+                data = source.read(entry.offset, entry.nr_pages * PAGE_SIZE)
+                os.pwrite(files[pagemap.pages_name], data, entry.offset)
+                written += len(data)
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    return written
+
+
+class BlockHashedPages:
+    """A plain pages file checked against BLAKE3 hashes of its fixed-size blocks:
+    the page source of an image kept as files with a signed list of block hashes."""
+
+    BLOCK = 256 << 10
+
+    def __init__(self, path: Path, hashes: list[bytes]) -> None:
+        self.path = path
+        self.hashes = hashes
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    @classmethod
+    def hash_blocks(cls, path: Path) -> list[bytes]:
+        """The block hashes to keep, signed, with the image when it is written."""
+        hashes = []
+        with path.open("rb") as file:
+            while block := file.read(cls.BLOCK):
+                hashes.append(blake3.blake3(block).digest())
+        return hashes
+
+    def read(self, offset: int, length: int) -> bytes:
+        first, last = offset // self.BLOCK, (offset + length - 1) // self.BLOCK
+        data = os.pread(self._fd, (last + 1 - first) * self.BLOCK, first * self.BLOCK)
+        for index in range(first, last + 1):
+            start = (index - first) * self.BLOCK
+            block = data[start : start + self.BLOCK]
+            if index >= len(self.hashes) or blake3.blake3(block).digest() != self.hashes[index]:
+                raise LazyPageError(
+                    f"block {index} of {self.path.name} (bytes {index * self.BLOCK}"
+                    f"..{index * self.BLOCK + len(block)}) failed verification"
+                )
+        skip = offset - first * self.BLOCK
+        return data[skip : skip + length]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class LazyStats:
+    """What a lazy wake moved, and when (monotonic seconds since the server started)."""
+
+    requests: int = 0
+    bytes_sent: int = 0
+    first_request: float | None = None
+    drained: float | None = None  # the daemon said every task's memory is in
+    _started: float = field(default_factory=time.monotonic, repr=False)
+
+    def _now(self) -> float:
+        return time.monotonic() - self._started
+
+
+class LazyPageServer:
+    """Runs ``criu lazy-pages`` for one restore and serves it verified pages.
+
+    ``async with LazyPageServer(criu, image_dir, open_pages) as server``:
+    run ``criu restore -D image_dir ... *server.restore_args``, then
+    ``server.adopt(pid)`` with the restored root's host pid, and ``await
+    server.wait()`` for the rest of the memory to be in. The server kills the
+    adopted pid (with SIGKILL, the whole pid namespace) if a page fails
+    verification, and ``wait`` then raises :class:`LazyPageError`.
+    """
+
+    restore_args = ("--lazy-pages",)
+
+    def __init__(
+        self, criu: Path | str, image_dir: Path, open_pages: Callable[[str], PageSource]
+    ) -> None:
+        self.criu = str(criu)
+        self.image_dir = image_dir
+        self.open_pages = open_pages
+        self.stats = LazyStats()
+        self.error: LazyPageError | None = None
+        self._sources: dict[str, PageSource] = {}
+        self._pagemaps: dict[int, Pagemap] = {}
+        self._sock: socket.socket | None = None
+        self._daemon: asyncio.subprocess.Process | None = None
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._pidfd: int | None = None
+        self._lock = threading.Lock()
+
+    async def __aenter__(self) -> LazyPageServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Write the eager pages, start the daemon and wait until it listens."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.image_dir / LAZY_SOCKET).unlink()
+        await asyncio.to_thread(write_eager_pages, self.image_dir, self._source)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ready_r, ready_w = os.pipe()
+        try:
+            # criu lazy-pages writes one byte to --status-fd once it listens.
+            self._daemon = await asyncio.create_subprocess_exec(
+                self.criu, "lazy-pages", "-D", str(self.image_dir), "-o", LAZY_LOG, "-v2",
+                "--page-server", "--ps-socket", str(theirs.fileno()),
+                "--status-fd", str(ready_w),
+                pass_fds=(theirs.fileno(), ready_w),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+            os.close(ready_w)
+        try:
+            ready = await asyncio.to_thread(os.read, ready_r, 1)
+        finally:
+            os.close(ready_r)
+        if not ready:
+            ours.close()
+            await self._daemon.wait()
+            raise LazyPageError(f"criu lazy-pages did not start:\n{self._log_tail()}")
+        self._sock = ours
+        self._thread = threading.Thread(target=self._serve, name="lazy-pages", daemon=True)
+        self._thread.start()
+
+    def adopt(self, pid: int) -> None:
+        """The restored root, to kill if a page fails verification (now, if one has)."""
+        with self._lock:
+            self._pidfd = os.pidfd_open(pid)
+            if self.error is not None:
+                self._end_kernel()
+
+    async def wait(self) -> LazyStats:
+        """Return once the daemon has all memory in; raise if a page failed."""
+        await asyncio.to_thread(self._done.wait)
+        if self.error:
+            raise self.error
+        return self.stats
+
+    async def close(self) -> None:
+        """End the daemon and release everything; safe at any point, twice too.
+
+        Closed before all memory is in, the kernel is killed first: without the
+        daemon it would read zeros where its memory was not yet back.
+        """
+        if self._thread is not None:
+            if not self._done.is_set():
+                self._fail(LazyPageError("the lazy wake was closed before all memory was in"))
+                if self._pidfd is None:  # no restored kernel was adopted: none to protect
+                    self._hang_up()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._daemon is not None and self._daemon.returncode is None:
+            try:
+                await asyncio.wait_for(self._daemon.wait(), 10)
+            except TimeoutError:
+                self._daemon.kill()
+                await self._daemon.wait()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        for source in self._sources.values():
+            if closer := getattr(source, "close", None):
+                closer()
+        self._sources.clear()
+
+    def _source(self, name: str) -> PageSource:
+        if name not in self._sources:
+            self._sources[name] = self.open_pages(name)
+        return self._sources[name]
+
+    def _pagemap(self, pid: int) -> Pagemap:
+        if pid not in self._pagemaps:
+            path = self.image_dir / f"pagemap-{pid}.img"
+            if not path.is_file():
+                raise LazyPageError(f"the lazy-pages daemon asked for task {pid}, not in the image")
+            self._pagemaps[pid] = read_pagemap(path)
+        return self._pagemaps[pid]
+
+    def _serve(self) -> None:
+        """The daemon's requests, one at a time, until it closes or a page fails."""
+        assert self._sock is not None
+        sock = self._sock
+        try:
+            while True:
+                header = _recv_exact(sock, _PSI.size)
+                if header is None:
+                    raise LazyPageError(f"criu lazy-pages hung up:\n{self._log_tail()}")
+                cmd, nr_pages, vaddr, pid = _PSI.unpack(header)
+                if cmd in (_PS_IOV_CLOSE, _PS_IOV_FORCE_CLOSE):
+                    sock.sendall(struct.pack("<i", 0))
+                    self.stats.drained = self.stats._now()
+                    return
+                if cmd != _PS_IOV_GET:
+                    raise LazyPageError(f"criu lazy-pages sent an unknown command {cmd:#x}")
+                if self.stats.first_request is None:
+                    self.stats.first_request = self.stats._now()
+                pagemap = self._pagemap(pid)
+                offset, count = pagemap.locate(vaddr, nr_pages)
+                data = self._source(pagemap.pages_name).read(offset, count * PAGE_SIZE)
+                reply = _PSI.pack(_PS_IOV_ADD_F | PE_PRESENT << _PS_CMD_BITS, count, vaddr, pid)
+                sock.sendall(reply)
+                sock.sendall(data)
+                self.stats.requests += 1
+                self.stats.bytes_sent += len(data)
+        except LazyPageError as exc:
+            self._fail(exc)
+        except Exception as exc:  # noqa: BLE001 - a source's own error must still end the kernel
+            self._fail(LazyPageError(f"serving a page failed: {exc!r}"))
+        finally:
+            self._done.set()
+
+    def _fail(self, error: LazyPageError) -> None:
+        """Record the first error; end the kernel, and only then the daemon."""
+        with self._lock:
+            if self.error is None:
+                self.error = error
+            if self._pidfd is not None:
+                self._end_kernel()
+
+    def _end_kernel(self) -> None:
+        """SIGKILL the adopted root (its pid namespace dies with it), wait until it
+        is gone with every thread, then hang up on the daemon."""
+        assert self._pidfd is not None
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        select.select([self._pidfd], [], [])  # readable once it has exited
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Wake the serving thread and make the daemon exit (it sees a hangup)."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _log_tail(self, limit: int = 6) -> str:
+        try:
+            lines = (self.image_dir / LAZY_LOG).read_text(errors="replace").splitlines()
+        except OSError:
+            return f"(no log at {self.image_dir / LAZY_LOG})"
+        errors = [line for line in lines if "Error" in line or "error" in line]
+        return "\n".join((errors or lines)[-limit:])
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = sock.recv(size - len(buffer))
+        if not chunk:
+            return None
+        buffer += chunk
+    return bytes(buffer)

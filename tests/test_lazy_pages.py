@@ -1,0 +1,232 @@
+"""Lazy CRIU wake with real CRIU: a process dumped, then restored with its memory
+served page by page through kernelhib's verifying page server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kernelhib.engines.criu import CriuEngine
+from kernelhib.engines.lazy_pages import (
+    PAGE_SIZE,
+    PE_LAZY,
+    PE_PRESENT,
+    BlockHashedPages,
+    LazyPageError,
+    LazyPageServer,
+    PageSource,
+    parse_pagemap,
+)
+from kernelhib.kernel_process import namespace_init
+
+# A process holding random data; it hashes parts of it when a file asks it to.
+HOLDER = r"""
+import hashlib, json, os, sys, time
+work, mib = sys.argv[1], int(sys.argv[2])
+data = os.urandom(mib << 20)
+block = 256 << 10
+ranges = {"early": (0, 64 << 10), "late": (len(data) - block, len(data)), "all": (0, len(data))}
+def digest(name):
+    start, end = ranges[name]
+    return hashlib.sha256(memoryview(data)[start:end]).hexdigest()
+facts = {name: digest(name) for name in ranges}
+facts["late_marker"] = data[-block:][:64].hex()
+with open(os.path.join(work, "expected.json"), "w") as f:
+    json.dump(facts, f)
+os.rename(os.path.join(work, "expected.json"), os.path.join(work, "ready.json"))
+while True:
+    for name in ranges:
+        ask = os.path.join(work, name)
+        if os.path.exists(ask):
+            os.unlink(ask)
+            with open(ask + ".tmp", "w") as f:
+                f.write(digest(name))
+            os.rename(ask + ".tmp", ask + ".out")
+    time.sleep(0.002)
+"""
+
+
+@dataclass
+class DumpedHolder:
+    """A dumped holder: its restore directory (no pages files) and its pages, kept
+    apart with their block hashes as a store would keep them."""
+
+    work: Path
+    restore_dir: Path
+    store: Path
+    expected: dict[str, str]
+    hashes: dict[str, list[bytes]]
+
+    def open_pages(self, name: str) -> BlockHashedPages:
+        return BlockHashedPages(self.store / name, self.hashes[name])
+
+
+async def dump_holder(criu_path: str, tmp_path: Path, mib: int) -> DumpedHolder:
+    work, image = tmp_path / "work", tmp_path / "image"
+    work.mkdir()
+    image.mkdir()
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "setsid",
+         sys.executable, "-c", HOLDER, str(work), str(mib)],
+        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        pid = await namespace_init(unshare.pid, unshare.poll)
+        deadline = time.monotonic() + 60
+        while not (work / "ready.json").exists():
+            assert time.monotonic() < deadline, "the holder never got ready"
+            await asyncio.sleep(0.05)
+        await CriuEngine(criu_path).dump(pid, image)
+    finally:
+        unshare.kill()  # --kill-child: the dumped, stopped tree dies with it
+        unshare.wait()
+    store = tmp_path / "store"
+    store.mkdir()
+    hashes = {}
+    for pages in image.glob("pages-*.img"):
+        hashes[pages.name] = BlockHashedPages.hash_blocks(pages)
+        pages.rename(store / pages.name)
+    expected = json.loads((work / "ready.json").read_text())
+    return DumpedHolder(work, image, store, expected, hashes)
+
+
+@dataclass
+class Restored:
+    pid: int
+    server: LazyPageServer
+
+    def alive(self) -> bool:
+        return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+@contextlib.asynccontextmanager
+async def lazy_restore(
+    criu_path: str, holder: DumpedHolder, open_pages: Callable[[str], PageSource]
+) -> AsyncIterator[Restored]:
+    async with LazyPageServer(criu_path, holder.restore_dir, open_pages) as server:
+        pidfile = holder.restore_dir / "restored.pid"
+        restore = await asyncio.create_subprocess_exec(
+            criu_path, "restore", "-D", str(holder.restore_dir), "-o", "restore.log", "-v2",
+            "--tcp-close", "--shell-job", "--ext-unix-sk", "--file-locks",
+            "--restore-detached", "--restore-sibling", "--pidfile", str(pidfile),
+            *server.restore_args,
+        )  # fmt: skip
+        assert await restore.wait() == 0, (holder.restore_dir / "restore.log").read_text()[-3000:]
+        pid = int(pidfile.read_text())
+        server.adopt(pid)
+        try:
+            yield Restored(pid, server)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+async def ask(holder: DumpedHolder, name: str, timeout: float = 60) -> str:
+    """Have the restored holder hash part of its data; its answer."""
+    (holder.work / name).touch()
+    answer = holder.work / f"{name}.out"
+    deadline = time.monotonic() + timeout
+    while not answer.exists():
+        assert time.monotonic() < deadline, f"the holder did not answer {name!r}"
+        await asyncio.sleep(0.005)
+    return answer.read_text()
+
+
+def test_pagemap_decodes_entries_and_their_offsets_in_the_pages_file() -> None:
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        return bytes(out) + bytes([value])
+
+    def message(*fields: tuple[int, int]) -> bytes:
+        body = b"".join(varint(number << 3) + varint(value) for number, value in fields)
+        return struct.pack("<I", len(body)) + body
+
+    data = struct.pack("<II", 0x54564319, 0x56084025) + message((1, 7))
+    data += message((1, 0x7F0000000000), (2, 3), (4, PE_PRESENT | PE_LAZY))
+    data += message((1, 0x7F0000010000), (2, 0), (4, PE_PRESENT), (5, 2))
+    pagemap = parse_pagemap(data)
+    assert pagemap.pages_name == "pages-7.img"
+    assert [(e.vaddr, e.nr_pages, e.offset) for e in pagemap.entries] == [
+        (0x7F0000000000, 3, 0),
+        (0x7F0000010000, 2, 3 * PAGE_SIZE),
+    ]
+    # A request running past its entry gets what that entry holds; the daemon asks again.
+    assert pagemap.locate(0x7F0000000000 + PAGE_SIZE, 8) == (PAGE_SIZE, 2)
+    with pytest.raises(LazyPageError, match="no present page"):
+        pagemap.locate(0x7F0000005000, 1)
+
+
+def test_block_hashed_pages_names_the_block_that_fails(tmp_path: Path) -> None:
+    path = tmp_path / "pages-1.img"
+    path.write_bytes(os.urandom(3 * BlockHashedPages.BLOCK))
+    source = BlockHashedPages(path, BlockHashedPages.hash_blocks(path))
+    whole = path.read_bytes()
+    assert source.read(BlockHashedPages.BLOCK - 10, 20) == whole[BlockHashedPages.BLOCK - 10 :][:20]
+    with path.open("r+b") as file:
+        file.seek(2 * BlockHashedPages.BLOCK + 5)
+        file.write(b"\0")
+    assert source.read(0, 100) == whole[:100]
+    with pytest.raises(LazyPageError, match="block 2 of pages-1.img"):
+        source.read(2 * BlockHashedPages.BLOCK - 1, 2)
+    source.close()
+
+
+@pytest.mark.criu
+async def test_lazily_restored_process_has_all_its_data(criu_path: str, tmp_path: Path) -> None:
+    holder = await dump_holder(criu_path, tmp_path, 64)
+    async with lazy_restore(criu_path, holder, holder.open_pages) as process:
+        assert await ask(holder, "early") == holder.expected["early"]
+        stats = await process.server.wait()
+        assert await ask(holder, "all") == holder.expected["all"]
+        assert stats.drained is not None and stats.bytes_sent >= 64 << 20
+        # Nothing of its memory came from a file in the restore directory.
+        assert all(f.stat().st_blocks * 512 < 4 << 20 for f in holder.restore_dir.glob("pages-*"))
+
+
+def corrupt_late_block(holder: DumpedHolder) -> tuple[str, int]:
+    """Flip a byte in the pages-file block that holds the holder's last data."""
+    marker = bytes.fromhex(holder.expected["late_marker"])
+    for pages in holder.store.glob("pages-*.img"):
+        at = pages.read_bytes().find(marker)
+        if at >= 0:
+            with pages.open("r+b") as file:
+                file.seek(at + 100)
+                byte = file.read(1)
+                file.seek(at + 100)
+                file.write(bytes([byte[0] ^ 0xFF]))
+            return pages.name, (at + 100) // BlockHashedPages.BLOCK
+    raise AssertionError("the holder's data is in no pages file")
+
+
+@pytest.mark.criu
+async def test_a_late_corrupt_block_ends_the_process_and_is_named(
+    criu_path: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(criu_path, tmp_path, 64)
+    name, block = corrupt_late_block(holder)
+    async with lazy_restore(criu_path, holder, holder.open_pages) as process:
+        # It runs, and what it reads first is intact.
+        assert await ask(holder, "early") == holder.expected["early"]
+        with pytest.raises(LazyPageError, match=f"block {block} of {name}"):
+            await process.server.wait()
+        # Killed before the daemon let go of its memory: it never read zeros.
+        assert not process.alive()
+        assert not (holder.work / "late.out").exists()
+        assert not (holder.work / "all.out").exists()
