@@ -32,7 +32,9 @@ lets the daemon go.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import functools
 import os
 import re
 import select
@@ -42,6 +44,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -68,6 +71,7 @@ _TASK_PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
 # The daemon's socket for the restore; one left by an earlier wake makes it fail.
 LAZY_SOCKET = "lazy-pages.socket"
 LAZY_LOG = "lazy-pages.log"
+_SEND_BUFFER = 8 << 20
 
 
 class PageSource(Protocol):
@@ -101,13 +105,23 @@ class Pagemap:
     pages_name: str
     entries: tuple[PagemapEntry, ...]
 
+    @property
+    def size(self) -> int:
+        """The length of its pages file."""
+        return sum(e.nr_pages * PAGE_SIZE for e in self.entries if e.flags & PE_PRESENT)
+
+    @functools.cached_property
+    def _starts(self) -> list[int]:
+        return [entry.vaddr for entry in self.entries]
+
     def locate(self, vaddr: int, nr_pages: int) -> tuple[int, int]:
         """(offset in the pages file, pages) of the present run starting at ``vaddr``,
         clipped to its entry; the daemon asks again for the rest."""
-        for entry in self.entries:
-            if entry.vaddr <= vaddr < entry.end and entry.flags & PE_PRESENT:
-                available = (entry.end - vaddr) // PAGE_SIZE
-                return entry.offset + vaddr - entry.vaddr, min(nr_pages, available)
+        index = bisect.bisect_right(self._starts, vaddr) - 1
+        entry = self.entries[index] if index >= 0 else None
+        if entry and vaddr < entry.end and entry.flags & PE_PRESENT:
+            available = (entry.end - vaddr) // PAGE_SIZE
+            return entry.offset + vaddr - entry.vaddr, min(nr_pages, available)
         raise LazyPageError(f"no present page at {vaddr:#x} in the pagemap of {self.pages_name}")
 
 
@@ -246,6 +260,62 @@ class BlockHashedPages:
         os.close(self._fd)
 
 
+class _ReadAhead:
+    """Verified windows of one pages file. A drain request (more than a page) has
+    a worker read and verify the windows after it, so that the disk and the
+    hashing run while the daemon copies; a fault (one page) gets its whole
+    window, which serves the faults next to it.
+
+    Only what ``source.read`` returned is kept, so only verified bytes. A window
+    that failed keeps its error, raised when the daemon asks for a page in it:
+    a corrupt block fails the wake only once the kernel needs it.
+    """
+
+    WINDOW = 1 << 20
+    AHEAD = 16
+    KEEP = 2 * AHEAD
+
+    def __init__(self, source: PageSource, size: int, worker: ThreadPoolExecutor) -> None:
+        self.source = source
+        self.size = size
+        self.worker = worker
+        self._windows: dict[int, Future[bytes]] = {}
+
+    def _read_window(self, index: int) -> bytes:
+        start = index * self.WINDOW
+        return self.source.read(start, min(self.WINDOW, self.size - start))
+
+    def _window(self, index: int, ahead: bool) -> Future[bytes]:
+        window = self._windows.get(index)
+        if window is None:
+            if ahead:
+                window = self.worker.submit(self._read_window, index)
+            else:
+                window = Future()
+                try:
+                    window.set_result(self._read_window(index))
+                except Exception as exc:
+                    window.set_exception(exc)
+            self._windows[index] = window
+            while len(self._windows) > self.KEEP:
+                oldest = next(iter(self._windows))
+                self._windows.pop(oldest).cancel()
+        return window
+
+    def pieces(self, offset: int, length: int) -> list[memoryview]:
+        """The verified bytes at ``offset``, as views into the windows (no copy)."""
+        first, last = offset // self.WINDOW, (offset + length - 1) // self.WINDOW
+        windows = [self._window(index, ahead=False) for index in range(first, last + 1)]
+        if length > PAGE_SIZE:
+            end = min(last + 1 + self.AHEAD, -(-self.size // self.WINDOW))
+            for index in range(last + 1, end):
+                self._window(index, ahead=True)
+        views = [memoryview(window.result()) for window in windows]
+        views[0] = views[0][offset - first * self.WINDOW :]
+        views[-1] = views[-1][: len(views[-1]) - (sum(map(len, views)) - length)]
+        return views
+
+
 @dataclass
 class LazyStats:
     """What a lazy wake moved, and when (monotonic seconds since the server started)."""
@@ -283,6 +353,8 @@ class LazyPageServer:
         self.error: LazyPageError | None = None
         self._sources: dict[str, PageSource] = {}
         self._pagemaps: dict[int, Pagemap] = {}
+        self._readers: dict[str, _ReadAhead] = {}
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lazy-pages-read")
         self._sock: socket.socket | None = None
         self._daemon: asyncio.subprocess.Process | None = None
         self._thread: threading.Thread | None = None
@@ -326,6 +398,9 @@ class LazyPageServer:
             ours.close()
             await self._daemon.wait()
             raise LazyPageError(f"criu lazy-pages did not start:\n{self._log_tail()}")
+        # Room for a whole 4 MiB reply: the daemon then takes it in a few reads.
+        with contextlib.suppress(OSError):
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         self._sock = ours
         self._thread = threading.Thread(target=self._serve, name="lazy-pages", daemon=True)
         self._thread.start()
@@ -369,6 +444,8 @@ class LazyPageServer:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        self._worker.shutdown(cancel_futures=True)
+        self._readers.clear()
         for source in self._sources.values():
             if closer := getattr(source, "close", None):
                 closer()
@@ -378,6 +455,12 @@ class LazyPageServer:
         if name not in self._sources:
             self._sources[name] = self.open_pages(name)
         return self._sources[name]
+
+    def _reader(self, pagemap: Pagemap) -> _ReadAhead:
+        name = pagemap.pages_name
+        if name not in self._readers:
+            self._readers[name] = _ReadAhead(self._source(name), pagemap.size, self._worker)
+        return self._readers[name]
 
     def _pagemap(self, pid: int) -> Pagemap:
         if pid not in self._pagemaps:
@@ -407,12 +490,11 @@ class LazyPageServer:
                     self.stats.first_request = self.stats._now()
                 pagemap = self._pagemap(pid)
                 offset, count = pagemap.locate(vaddr, nr_pages)
-                data = self._source(pagemap.pages_name).read(offset, count * PAGE_SIZE)
+                pages = self._reader(pagemap).pieces(offset, count * PAGE_SIZE)
                 reply = _PSI.pack(_PS_IOV_ADD_F | PE_PRESENT << _PS_CMD_BITS, count, vaddr, pid)
-                sock.sendall(reply)
-                sock.sendall(data)
+                _send_all(sock, [memoryview(reply), *pages])
                 self.stats.requests += 1
-                self.stats.bytes_sent += len(data)
+                self.stats.bytes_sent += count * PAGE_SIZE
         except LazyPageError as exc:
             self._fail(exc)
         except Exception as exc:  # noqa: BLE001 - a source's own error must still end the kernel
@@ -450,6 +532,15 @@ class LazyPageServer:
             return f"(no log at {self.image_dir / LAZY_LOG})"
         errors = [line for line in lines if "Error" in line or "error" in line]
         return "\n".join((errors or lines)[-limit:])
+
+
+def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
+    while buffers:
+        sent = sock.sendmsg(buffers)
+        while buffers and sent >= len(buffers[0]):
+            sent -= len(buffers.pop(0))
+        if sent:
+            buffers[0] = buffers[0][sent:]
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
