@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
+import re
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,7 +28,11 @@ from kernelhib.engines.lazy_pages import (
     BlockHashedPages,
     LazyPageError,
     LazyPageServer,
+    Pagemap,
+    PagemapEntry,
     PageSource,
+    coalesce,
+    encode_pagemap,
     parse_pagemap,
 )
 from kernelhib.kernel_process import namespace_init
@@ -173,6 +178,26 @@ def test_pagemap_decodes_entries_and_their_offsets_in_the_pages_file() -> None:
         pagemap.locate(0x7F0000005000, 1)
 
 
+def test_coalesced_pagemap_merges_only_adjacent_runs_of_equal_flags() -> None:
+    lazy = PE_PRESENT | PE_LAZY
+    entries = [(0x10000, 2, lazy), (0x12000, 3, lazy), (0x15000, 1, PE_PRESENT), (0x20000, 1, lazy)]
+    offsets = [0, 2, 5, 6]
+    pagemap = Pagemap(
+        "pages-3.img",
+        tuple(
+            PagemapEntry(vaddr, n, flags, offset * PAGE_SIZE)
+            for (vaddr, n, flags), offset in zip(entries, offsets, strict=True)
+        ),
+    )
+    merged = parse_pagemap(encode_pagemap(coalesce(pagemap), 3))
+    assert merged.pages_name == "pages-3.img"
+    assert [(e.vaddr, e.nr_pages, e.flags, e.offset // PAGE_SIZE) for e in merged.entries] == [
+        (0x10000, 5, lazy, 0),
+        (0x15000, 1, PE_PRESENT, 5),
+        (0x20000, 1, lazy, 6),
+    ]
+
+
 def test_block_hashed_pages_names_the_block_that_fails(tmp_path: Path) -> None:
     path = tmp_path / "pages-1.img"
     path.write_bytes(os.urandom(3 * BlockHashedPages.BLOCK))
@@ -183,7 +208,7 @@ def test_block_hashed_pages_names_the_block_that_fails(tmp_path: Path) -> None:
         file.seek(2 * BlockHashedPages.BLOCK + 5)
         file.write(b"\0")
     assert source.read(0, 100) == whole[:100]
-    with pytest.raises(LazyPageError, match="block 2 of pages-1.img"):
+    with pytest.raises(LazyPageError, match=r"block 2 of pages-1\.img"):
         source.read(2 * BlockHashedPages.BLOCK - 1, 2)
     source.close()
 
@@ -224,9 +249,58 @@ async def test_a_late_corrupt_block_ends_the_process_and_is_named(
     async with lazy_restore(criu_path, holder, holder.open_pages) as process:
         # It runs, and what it reads first is intact.
         assert await ask(holder, "early") == holder.expected["early"]
-        with pytest.raises(LazyPageError, match=f"block {block} of {name}"):
+        with pytest.raises(LazyPageError, match=re.escape(f"block {block} of {name}")):
             await process.server.wait()
         # Killed before the daemon let go of its memory: it never read zeros.
         assert not process.alive()
         assert not (holder.work / "late.out").exists()
         assert not (holder.work / "all.out").exists()
+
+
+class SlowPages:
+    """Verified pages read slowly, so that the drain is still running when the test
+    acts; records whether the server closed it."""
+
+    def __init__(self, source: BlockHashedPages, delay: float) -> None:
+        self.source = source
+        self.delay = delay
+        self.closed = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        time.sleep(self.delay)
+        return self.source.read(offset, length)
+
+    def close(self) -> None:
+        self.source.close()
+        self.closed = True
+
+
+def open_fds_to(directory: Path) -> list[str]:
+    links = (os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink())
+    return [link for link in links if link.startswith(str(directory))]
+
+
+@pytest.mark.criu
+async def test_killing_the_process_mid_drain_releases_the_server(
+    criu_path: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(criu_path, tmp_path, 64)
+    opened: list[SlowPages] = []
+
+    def open_slowly(name: str) -> SlowPages:
+        opened.append(SlowPages(holder.open_pages(name), delay=0.05))
+        return opened[-1]
+
+    async with lazy_restore(criu_path, holder, open_slowly) as process:
+        assert await ask(holder, "early") == holder.expected["early"]
+        os.kill(process.pid, signal.SIGKILL)
+        # The daemon sees its task gone and lets go: the wait ends either way.
+        with contextlib.suppress(LazyPageError):
+            stats = await asyncio.wait_for(process.server.wait(), 20)
+            assert stats.bytes_sent < 64 << 20  # it did stop mid-drain
+        daemon = process.server._daemon
+        await process.server.close()
+        assert daemon is not None and daemon.returncode is not None
+        assert opened and all(source.closed for source in opened)
+        assert open_fds_to(holder.store) == []
+        assert not [t for t in threading.enumerate() if t.name.startswith("lazy-pages")]
