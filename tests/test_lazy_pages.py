@@ -131,7 +131,7 @@ async def lazy_restore(
         )  # fmt: skip
         assert await restore.wait() == 0, (holder.restore_dir / "restore.log").read_text()[-3000:]
         pid = int(pidfile.read_text())
-        server.adopt(pid)
+        await server.adopt(pid)
         try:
             yield Restored(pid, server)
         finally:
@@ -225,18 +225,23 @@ async def test_lazily_restored_process_has_all_its_data(criu_path: str, tmp_path
         assert all(f.stat().st_blocks * 512 < 4 << 20 for f in holder.restore_dir.glob("pages-*"))
 
 
+def flip_byte(path: Path, at: int) -> int:
+    """Corrupt one byte of a stored pages file; the index of its block."""
+    with path.open("r+b") as file:
+        file.seek(at)
+        byte = file.read(1)
+        file.seek(at)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    return at // BlockHashedPages.BLOCK
+
+
 def corrupt_late_block(holder: DumpedHolder) -> tuple[str, int]:
     """Flip a byte in the pages-file block that holds the holder's last data."""
     marker = bytes.fromhex(holder.expected["late_marker"])
     for pages in holder.store.glob("pages-*.img"):
         at = pages.read_bytes().find(marker)
         if at >= 0:
-            with pages.open("r+b") as file:
-                file.seek(at + 100)
-                byte = file.read(1)
-                file.seek(at + 100)
-                file.write(bytes([byte[0] ^ 0xFF]))
-            return pages.name, (at + 100) // BlockHashedPages.BLOCK
+            return pages.name, flip_byte(pages, at + 100)
     raise AssertionError("the holder's data is in no pages file")
 
 
@@ -304,3 +309,39 @@ async def test_killing_the_process_mid_drain_releases_the_server(
         assert opened and all(source.closed for source in opened)
         assert open_fds_to(holder.store) == []
         assert not [t for t in threading.enumerate() if t.name.startswith("lazy-pages")]
+
+
+@pytest.mark.criu
+async def test_closing_the_wake_mid_drain_kills_the_process_first(
+    criu_path: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(criu_path, tmp_path, 64)
+
+    def open_slowly(name: str) -> SlowPages:
+        return SlowPages(holder.open_pages(name), delay=0.05)
+
+    async with lazy_restore(criu_path, holder, open_slowly) as process:
+        assert await ask(holder, "early") == holder.expected["early"]
+        await process.server.close()
+        # Dead, not left running on zeros where its memory was not yet back.
+        assert not process.alive()
+        with pytest.raises(LazyPageError, match="closed before all memory was in"):
+            await process.server.wait()
+        assert not (holder.work / "all.out").exists()
+
+
+@pytest.mark.criu
+async def test_an_eagerly_restored_page_that_fails_stops_the_wake_before_it_starts(
+    criu_path: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(criu_path, tmp_path, 8)
+    pagemap = next(holder.restore_dir.glob("pagemap-[0-9]*.img"))
+    entries = parse_pagemap(pagemap.read_bytes()).entries
+    eager = next(e for e in entries if e.flags & PE_PRESENT and not e.flags & PE_LAZY)
+    name = parse_pagemap(pagemap.read_bytes()).pages_name
+    block = flip_byte(holder.store / name, eager.offset)
+    server = LazyPageServer(criu_path, holder.restore_dir, holder.open_pages)
+    with pytest.raises(LazyPageError, match=re.escape(f"block {block} of {name}")):
+        await server.start()
+    assert server._daemon is None  # the daemon was never started
+    assert open_fds_to(holder.store) == []

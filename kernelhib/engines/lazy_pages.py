@@ -69,8 +69,6 @@ PE_PRESENT = 1 << 2
 _IMG_COMMON_MAGIC = 0x54564319
 _PAGEMAP_MAGIC = 0x56084025
 _TASK_PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
-# The daemon's socket for the restore; one left by an earlier wake makes it fail.
-LAZY_SOCKET = "lazy-pages.socket"
 LAZY_LOG = "lazy-pages.log"
 _SEND_BUFFER = 8 << 20
 
@@ -368,27 +366,34 @@ class _ReadAhead:
 
 @dataclass
 class LazyStats:
-    """What a lazy wake moved, and when (monotonic seconds since the server started)."""
+    """What a lazy wake moved, and when (seconds since the server started)."""
 
     requests: int = 0
     bytes_sent: int = 0
     first_request: float | None = None
-    drained: float | None = None  # the daemon said every task's memory is in
-    _started: float = field(default_factory=time.monotonic, repr=False)
+    drained: float | None = None  # the daemon said it is done: all memory in, or tasks gone
+    started: float = field(default_factory=time.monotonic, repr=False)
 
-    def _now(self) -> float:
-        return time.monotonic() - self._started
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
 
 class LazyPageServer:
     """Runs ``criu lazy-pages`` for one restore and serves it verified pages.
 
-    ``async with LazyPageServer(criu, image_dir, open_pages) as server``:
-    run ``criu restore -D image_dir ... *server.restore_args``, then
-    ``server.adopt(pid)`` with the restored root's host pid, and ``await
-    server.wait()`` for the rest of the memory to be in. The server kills the
-    adopted pid (with SIGKILL, the whole pid namespace) if a page fails
-    verification, and ``wait`` then raises :class:`LazyPageError`.
+    ::
+
+        async with LazyPageServer(criu, restore_dir, open_pages) as server:
+            # criu restore -D restore_dir ... *server.restore_args
+            await server.adopt(pid)   # the restored root's host pid
+            await server.wait()       # all memory in; LazyPageError if a page failed
+
+    ``restore_dir`` holds the image without its ``pages-*.img`` (the server
+    writes the eagerly restored pages there); ``open_pages(name)`` gives the
+    verified source of each. If a page fails verification, or the wake is
+    closed before all memory is in, the adopted root is SIGKILLed (and with it
+    its pid namespace) before the daemon may let go of its memory. Re-dump the
+    kernel only after ``wait`` returned: pages not yet in are not in its memory.
     """
 
     restore_args = ("--lazy-pages",)
@@ -408,7 +413,7 @@ class LazyPageServer:
         self._sock: socket.socket | None = None
         self._daemon: asyncio.subprocess.Process | None = None
         self._thread: threading.Thread | None = None
-        self._done = threading.Event()
+        self._finished: asyncio.Future[None] | None = None
         self._pidfd: int | None = None
         self._lock = threading.Lock()
 
@@ -421,14 +426,24 @@ class LazyPageServer:
 
     async def start(self) -> None:
         """Write the eager pages, start the daemon and wait until it listens."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.image_dir / LAZY_SOCKET).unlink()
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         await asyncio.to_thread(coalesce_pagemaps, self.image_dir)
         await asyncio.to_thread(write_eager_pages, self.image_dir, self._source)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Room for a whole 4 MiB reply: the daemon then takes it in a few reads.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         ready_r, ready_w = os.pipe()
         try:
-            # criu lazy-pages writes one byte to --status-fd once it listens.
+            # criu lazy-pages writes one byte to --status-fd once it listens on
+            # lazy-pages.socket (replacing a stale one): the restore must not
+            # start before, or it finds no socket, or an old one.
             self._daemon = await asyncio.create_subprocess_exec(
                 self.criu, "lazy-pages", "-D", str(self.image_dir), "-o", LAZY_LOG, "-v2",
                 "--page-server", "--ps-socket", str(theirs.fileno()),
@@ -446,26 +461,25 @@ class LazyPageServer:
         finally:
             os.close(ready_r)
         if not ready:
-            ours.close()
             await self._daemon.wait()
             raise LazyPageError(f"criu lazy-pages did not start:\n{self._log_tail()}")
-        # Room for a whole 4 MiB reply: the daemon then takes it in a few reads.
-        with contextlib.suppress(OSError):
-            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-        self._sock = ours
-        self._thread = threading.Thread(target=self._serve, name="lazy-pages", daemon=True)
+        loop = asyncio.get_running_loop()
+        self._finished = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._serve, args=(loop, self._finished), name="lazy-pages", daemon=True
+        )
         self._thread.start()
 
-    def adopt(self, pid: int) -> None:
+    async def adopt(self, pid: int) -> None:
         """The restored root, to kill if a page fails verification (now, if one has)."""
-        with self._lock:
-            self._pidfd = os.pidfd_open(pid)
-            if self.error is not None:
-                self._end_kernel()
+        self._pidfd = os.pidfd_open(pid)
+        if self.error is not None:
+            await asyncio.to_thread(self._fail, self.error)
 
     async def wait(self) -> LazyStats:
-        """Return once the daemon has all memory in; raise if a page failed."""
-        await asyncio.to_thread(self._done.wait)
+        """Return once the daemon is done; raise if a page failed."""
+        assert self._finished is not None, "the server was not started"
+        await asyncio.shield(self._finished)
         if self.error:
             raise self.error
         return self.stats
@@ -477,21 +491,20 @@ class LazyPageServer:
         daemon it would read zeros where its memory was not yet back.
         """
         if self._thread is not None:
-            if not self._done.is_set():
-                self._fail(LazyPageError("the lazy wake was closed before all memory was in"))
+            if self._thread.is_alive():
+                error = LazyPageError("the lazy wake was closed before all memory was in")
+                await asyncio.to_thread(self._fail, error)
                 if self._pidfd is None:  # no restored kernel was adopted: none to protect
                     self._hang_up()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._daemon is not None and self._daemon.returncode is None:
+            if self.error is not None:  # its kernel is gone: nothing left to wait for
+                self._daemon.kill()
+            await self._daemon.wait()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._daemon is not None and self._daemon.returncode is None:
-            try:
-                await asyncio.wait_for(self._daemon.wait(), 10)
-            except TimeoutError:
-                self._daemon.kill()
-                await self._daemon.wait()
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -516,13 +529,13 @@ class LazyPageServer:
     def _pagemap(self, pid: int) -> Pagemap:
         if pid not in self._pagemaps:
             path = self.image_dir / f"pagemap-{pid}.img"
-            if not path.is_file():
+            if not _TASK_PAGEMAP.fullmatch(path.name) or not path.is_file():
                 raise LazyPageError(f"the lazy-pages daemon asked for task {pid}, not in the image")
             self._pagemaps[pid] = read_pagemap(path)
         return self._pagemaps[pid]
 
-    def _serve(self) -> None:
-        """The daemon's requests, one at a time, until it closes or a page fails."""
+    def _serve(self, loop: asyncio.AbstractEventLoop, finished: asyncio.Future[None]) -> None:
+        """The daemon's requests, one at a time, until it is done or a page fails."""
         assert self._sock is not None
         sock = self._sock
         try:
@@ -533,12 +546,12 @@ class LazyPageServer:
                 cmd, nr_pages, vaddr, pid = _PSI.unpack(header)
                 if cmd in (_PS_IOV_CLOSE, _PS_IOV_FORCE_CLOSE):
                     sock.sendall(struct.pack("<i", 0))
-                    self.stats.drained = self.stats._now()
+                    self.stats.drained = self.stats.elapsed()
                     return
                 if cmd != _PS_IOV_GET:
                     raise LazyPageError(f"criu lazy-pages sent an unknown command {cmd:#x}")
                 if self.stats.first_request is None:
-                    self.stats.first_request = self.stats._now()
+                    self.stats.first_request = self.stats.elapsed()
                 pagemap = self._pagemap(pid)
                 offset, count = pagemap.locate(vaddr, nr_pages)
                 pages = self._reader(pagemap).pieces(offset, count * PAGE_SIZE)
@@ -548,30 +561,28 @@ class LazyPageServer:
                 self.stats.bytes_sent += count * PAGE_SIZE
         except LazyPageError as exc:
             self._fail(exc)
-        except Exception as exc:
-            self._fail(LazyPageError(f"serving a page failed: {exc!r}"))
+        except Exception as exc:  # a source's own verification error, a broken socket
+            self._fail(LazyPageError(f"serving a page failed: {exc}"))
         finally:
-            self._done.set()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, finished)
 
     def _fail(self, error: LazyPageError) -> None:
-        """Record the first error; end the kernel, and only then the daemon."""
+        """Record the first error; end the kernel, and only then the daemon. Blocking."""
         with self._lock:
             if self.error is None:
                 self.error = error
-            if self._pidfd is not None:
-                self._end_kernel()
-
-    def _end_kernel(self) -> None:
-        """SIGKILL the adopted root (its pid namespace dies with it), wait until it
-        is gone with every thread, then hang up on the daemon."""
-        assert self._pidfd is not None
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-        select.select([self._pidfd], [], [])  # readable once it has exited
-        self._hang_up()
+            if self._pidfd is None:
+                return  # adopt() ends it
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            # Readable once it has exited with every thread (and, as the init of
+            # its pid namespace, every process in it): only then may the daemon go.
+            select.select([self._pidfd], [], [])
+            self._hang_up()
 
     def _hang_up(self) -> None:
-        """Wake the serving thread and make the daemon exit (it sees a hangup)."""
+        """Wake the serving thread; the daemon sees the hangup and exits."""
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -583,6 +594,11 @@ class LazyPageServer:
             return f"(no log at {self.image_dir / LAZY_LOG})"
         errors = [line for line in lines if "Error" in line or "error" in line]
         return "\n".join((errors or lines)[-limit:])
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
