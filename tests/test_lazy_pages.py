@@ -39,14 +39,19 @@ from kernelhib.kernel_process import namespace_init
 
 # A process holding random data; it hashes parts of it when a file asks it to.
 HOLDER = r"""
-import hashlib, json, os, sys, time
+import hashlib, json, mmap, os, sys, time
 work, mib = sys.argv[1], int(sys.argv[2])
 data = os.urandom(mib << 20)
+shared = mmap.mmap(-1, 1 << 20)  # MAP_SHARED: CRIU restores it eagerly, from files
+shared.write(os.urandom(1 << 20))
 block = 256 << 10
 ranges = {"early": (0, 64 << 10), "late": (len(data) - block, len(data)), "all": (0, len(data))}
 def digest(name):
+    if name == "shared":
+        return hashlib.sha256(shared).hexdigest()
     start, end = ranges[name]
     return hashlib.sha256(memoryview(data)[start:end]).hexdigest()
+ranges["shared"] = None
 facts = {name: digest(name) for name in ranges}
 facts["late_marker"] = data[-block:][:64].hex()
 with open(os.path.join(work, "expected.json"), "w") as f:
@@ -220,6 +225,7 @@ async def test_lazily_restored_process_has_all_its_data(criu_path: str, tmp_path
         assert await ask(holder, "early") == holder.expected["early"]
         stats = await process.server.wait()
         assert await ask(holder, "all") == holder.expected["all"]
+        assert await ask(holder, "shared") == holder.expected["shared"]
         assert stats.drained is not None and stats.bytes_sent >= 64 << 20
         # Nothing of its memory came from a file in the restore directory.
         assert all(f.stat().st_blocks * 512 < 4 << 20 for f in holder.restore_dir.glob("pages-*"))
