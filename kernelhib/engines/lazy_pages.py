@@ -71,6 +71,8 @@ _PAGEMAP_MAGIC = 0x56084025
 _TASK_PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
 LAZY_LOG = "lazy-pages.log"
 _SEND_BUFFER = 8 << 20
+# The smallest lazy runs up to this many bytes are restored before the kernel runs.
+EAGER_BUDGET = 64 << 20
 
 
 class PageSource(Protocol):
@@ -224,15 +226,47 @@ def coalesce(pagemap: Pagemap) -> Pagemap:
     return Pagemap(pagemap.pages_name, tuple(merged))
 
 
-def coalesce_pagemaps(image_dir: Path) -> None:
-    """Rewrite each task's pagemap in ``image_dir`` coalesced. Each is replaced by
-    rename, never written in place: the file may be a link to the stored image."""
+def restore_small_runs_eagerly(pagemap: Pagemap, budget: int) -> Pagemap:
+    """The smallest lazy runs, up to ``budget`` bytes in all, made eager.
+
+    Each page fault is a round trip through the daemon, behind the fetch request
+    in flight: a woken ipykernel faulted about 2,500 pages before its first reply,
+    which took 7-12 s. What it needs to answer is the interpreter's own state,
+    spread over many small runs; the user's data sits in a few big ones. CRIU
+    restores eager pages from the (verified, local) pages file before the kernel
+    runs, even in a region that is otherwise lazy (stacks are restored so).
+    """
+    lazy = sorted(
+        (entry for entry in pagemap.entries if entry.flags & PE_LAZY), key=lambda e: e.nr_pages
+    )
+    eager, total = set(), 0
+    for entry in lazy:
+        total += entry.nr_pages * PAGE_SIZE
+        if total > budget:
+            break
+        eager.add(entry.vaddr)
+    return Pagemap(
+        pagemap.pages_name,
+        tuple(
+            dataclasses.replace(entry, flags=entry.flags & ~PE_LAZY)
+            if entry.vaddr in eager
+            else entry
+            for entry in pagemap.entries
+        ),
+    )
+
+
+def prepare_pagemaps(image_dir: Path, eager_budget: int) -> None:
+    """Rewrite each task's pagemap in ``image_dir`` coalesced, its smallest runs made
+    eager. Each is replaced by rename, never written in place: the file may be a
+    link to the stored image."""
     for path in image_dir.glob("pagemap-*.img"):
         if _TASK_PAGEMAP.fullmatch(path.name):
-            pagemap = read_pagemap(path)
+            pagemap = coalesce(read_pagemap(path))
+            pagemap = restore_small_runs_eagerly(pagemap, eager_budget)
             pages_id = int(pagemap.pages_name.removeprefix("pages-").removesuffix(".img"))
-            temporary = path.with_suffix(".coalesced")
-            temporary.write_bytes(encode_pagemap(coalesce(pagemap), pages_id))
+            temporary = path.with_suffix(".new")
+            temporary.write_bytes(encode_pagemap(pagemap, pages_id))
             temporary.rename(path)
 
 
@@ -399,9 +433,14 @@ class LazyPageServer:
     restore_args = ("--lazy-pages",)
 
     def __init__(
-        self, criu: Path | str, image_dir: Path, open_pages: Callable[[str], PageSource]
+        self,
+        criu: Path | str,
+        image_dir: Path,
+        open_pages: Callable[[str], PageSource],
+        eager_budget: int = EAGER_BUDGET,
     ) -> None:
         self.criu = str(criu)
+        self.eager_budget = eager_budget
         self.image_dir = image_dir
         self.open_pages = open_pages
         self.stats = LazyStats()
@@ -433,7 +472,7 @@ class LazyPageServer:
             raise
 
     async def _start(self) -> None:
-        await asyncio.to_thread(coalesce_pagemaps, self.image_dir)
+        await asyncio.to_thread(prepare_pagemaps, self.image_dir, self.eager_budget)
         await asyncio.to_thread(write_eager_pages, self.image_dir, self._source)
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Room for a whole 4 MiB reply: the daemon then takes it in a few reads.
