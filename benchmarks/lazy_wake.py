@@ -87,7 +87,8 @@ async def dump_kernel(criu: str, base: Path, mib: int) -> Image:
     connection, _ = write_connection_file(str(base / "kernel.json"), ip="127.0.0.1")
     unshare = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child", "setsid",
-         sys.executable, "-m", "ipykernel_launcher", "-f", connection],
+         sys.executable, "-m", "ipykernel_launcher", "-f", connection,
+         "--HistoryManager.hist_file=:memory:"],  # the image is restored again and again
         cwd=base, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     client = BlockingKernelClient(connection_file=connection)

@@ -35,6 +35,7 @@ from kernelhib.engines.lazy_pages import (
     encode_pagemap,
     parse_pagemap,
     restore_small_runs_eagerly,
+    write_eager_pages,
 )
 from kernelhib.kernel_process import namespace_init
 
@@ -202,6 +203,41 @@ def test_coalesced_pagemap_merges_only_adjacent_runs_of_equal_flags() -> None:
         (0x15000, 1, PE_PRESENT, 5),
         (0x20000, 1, lazy, 6),
     ]
+
+
+class RecordingPages:
+    """Bytes that say where they came from; records what was read."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return bytes([offset // PAGE_SIZE + 1]) * length
+
+
+def test_eager_pages_are_written_and_lazy_runs_left_as_holes(tmp_path: Path) -> None:
+    lazy = PE_PRESENT | PE_LAZY
+    entries = (
+        PagemapEntry(0x10000, 2, lazy, 0),
+        PagemapEntry(0x20000, 1, PE_PRESENT, 2 * PAGE_SIZE),
+    )
+    (tmp_path / "pagemap-1.img").write_bytes(encode_pagemap(Pagemap("pages-4.img", entries), 4))
+    source = RecordingPages()
+    assert write_eager_pages(tmp_path, lambda name: source) == PAGE_SIZE
+    assert source.reads == [(2 * PAGE_SIZE, PAGE_SIZE)]
+    written = (tmp_path / "pages-4.img").read_bytes()
+    assert written == bytes(2 * PAGE_SIZE) + bytes([3]) * PAGE_SIZE
+
+
+def test_eager_pages_refuse_to_write_into_an_existing_pages_file(tmp_path: Path) -> None:
+    entries = (PagemapEntry(0x10000, 1, PE_PRESENT, 0),)
+    (tmp_path / "pagemap-1.img").write_bytes(encode_pagemap(Pagemap("pages-1.img", entries), 1))
+    stored = tmp_path / "pages-1.img"
+    stored.write_bytes(b"x" * PAGE_SIZE)  # say, a hard link to the stored image
+    with pytest.raises(LazyPageError, match="without pages-"):
+        write_eager_pages(tmp_path, lambda name: RecordingPages())
+    assert stored.read_bytes() == b"x" * PAGE_SIZE
 
 
 def test_block_hashed_pages_names_the_block_that_fails(tmp_path: Path) -> None:

@@ -18,9 +18,13 @@ with CRIU's page-server protocol (criu/page-xfer.c):
   we answer with a zero ``int32`` and the daemon exits.
 
 A socketpair, not a TCP port: a port on loopback would let any local user ask
-for the kernel's memory. The daemon still reads the pagemap images and the
-pages CRIU restores eagerly (stacks, shared memory) from the image directory;
-those are written there, verified, before the restore (:func:`write_eager_pages`).
+for the kernel's memory. The daemon and the restore still read the pagemap
+images, and the restore the pages it restores eagerly, from the image directory.
+Before the restore, each task's pagemap there is rewritten (:func:`prepare_pagemaps`):
+runs merged, so that the daemon fetches 4 MiB at a time, and the smallest runs
+made eager, so that the kernel's first reply does not wait on thousands of
+one-page faults. The eager pages (those, stacks, shared memory) are then written
+there, verified (:func:`write_eager_pages`).
 
 A page that fails verification is never sent. The daemon would then close its
 userfaultfd, and the kernel would see zero pages where its data was (Linux
@@ -272,8 +276,9 @@ def prepare_pagemaps(image_dir: Path, eager_budget: int) -> None:
 
 def write_eager_pages(image_dir: Path, open_pages: Callable[[str], PageSource]) -> int:
     """Write into ``image_dir`` the pages a lazy restore reads from files: every
-    present page of shared memory and the non-lazy ones of each task (its
-    stacks). The lazy runs stay holes. Returns the bytes written. Blocking.
+    present page of shared memory and the non-lazy ones of each task (its stacks
+    and the runs :func:`prepare_pagemaps` made eager). The lazy runs stay holes.
+    Returns the bytes written. Blocking.
 
     The pages files must not exist yet: one there may be the stored image itself
     (a hard link), and this would write into it.
@@ -290,8 +295,15 @@ def write_eager_pages(image_dir: Path, open_pages: Callable[[str], PageSource]) 
                 if entry.flags & PE_PRESENT and not (task and entry.flags & PE_LAZY)
             ]
             if pagemap.pages_name not in files:
+                target = image_dir / pagemap.pages_name
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-                files[pagemap.pages_name] = os.open(image_dir / pagemap.pages_name, flags, 0o600)
+                try:
+                    files[pagemap.pages_name] = os.open(target, flags, 0o600)
+                except FileExistsError:
+                    raise LazyPageError(
+                        f"{target} exists: a lazy wake writes the pages it restores eagerly"
+                        " itself; give it a restore directory without pages-*.img"
+                    ) from None
             source = open_pages(pagemap.pages_name) if eager else None
             for entry in eager:
                 assert source is not None
