@@ -97,7 +97,8 @@ async def dump_kernel(criu: str, base: Path, mib: int) -> Image:
     image = Image(base, client)
     try:
         pid = await namespace_init(unshare.pid, unshare.poll)
-        client.wait_for_ready(60)
+        client.kernel_info()  # not wait_for_ready: its heartbeat check gives up under load
+        client.get_shell_msg(timeout=120)
         code = (
             f"import hashlib, os, numpy as np\nx = np.frombuffer(os.urandom({mib} << 20), np.uint8)"
         )

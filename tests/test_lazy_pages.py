@@ -126,7 +126,10 @@ class Restored:
 
 @contextlib.asynccontextmanager
 async def lazy_restore(
-    criu_path: str, holder: DumpedHolder, open_pages: Callable[[str], PageSource]
+    criu_path: str,
+    holder: DumpedHolder,
+    open_pages: Callable[[str], PageSource],
+    *extra: str,
 ) -> AsyncIterator[Restored]:
     async with LazyPageServer(criu_path, holder.restore_dir, open_pages) as server:
         pidfile = holder.restore_dir / "restored.pid"
@@ -134,7 +137,7 @@ async def lazy_restore(
             criu_path, "restore", "-D", str(holder.restore_dir), "-o", "restore.log", "-v2",
             "--tcp-close", "--shell-job", "--ext-unix-sk", "--file-locks",
             "--restore-detached", "--restore-sibling", "--pidfile", str(pidfile),
-            *server.restore_args,
+            *server.restore_args, *extra,
         )  # fmt: skip
         assert await restore.wait() == 0, (holder.restore_dir / "restore.log").read_text()[-3000:]
         pid = int(pidfile.read_text())
@@ -396,3 +399,15 @@ async def test_an_eagerly_restored_page_that_fails_stops_the_wake_before_it_star
         await server.start()
     assert server._daemon is None  # the daemon was never started
     assert open_fds_to(holder.store) == []
+
+
+@pytest.mark.criu
+async def test_the_fetch_fills_a_kernel_restored_stopped(criu_path: str, tmp_path: Path) -> None:
+    """The engine restores with --leave-stopped and continues the kernel later."""
+    holder = await dump_holder(criu_path, tmp_path, 64)
+    async with lazy_restore(criu_path, holder, holder.open_pages, "--leave-stopped") as process:
+        stats = await asyncio.wait_for(process.server.wait(), 60)
+        assert stats.bytes_sent >= 64 << 20
+        assert not (holder.work / "early.out").exists()  # it has not run yet
+        os.kill(process.pid, signal.SIGCONT)
+        assert await ask(holder, "all") == holder.expected["all"]

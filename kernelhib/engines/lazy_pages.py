@@ -485,7 +485,12 @@ class LazyPageServer:
 
     async def _start(self) -> None:
         await asyncio.to_thread(prepare_pagemaps, self.image_dir, self.eager_budget)
-        await asyncio.to_thread(write_eager_pages, self.image_dir, self._source)
+        try:
+            await asyncio.to_thread(write_eager_pages, self.image_dir, self._source)
+        except LazyPageError:
+            raise
+        except Exception as exc:  # a source's own verification error, a full disk
+            raise LazyPageError(f"writing the pages restored eagerly failed: {exc}") from exc
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Room for a whole 4 MiB reply: the daemon then takes it in a few reads.
         with contextlib.suppress(OSError):
