@@ -77,6 +77,8 @@ LAZY_LOG = "lazy-pages.log"
 _SEND_BUFFER = 8 << 20
 # The smallest lazy runs up to this many bytes are restored before the kernel runs.
 EAGER_BUDGET = 64 << 20
+# Threads that read and verify ahead of the fetch: one reads while another hashes.
+READ_THREADS = 2
 
 
 class PageSource(Protocol):
@@ -460,7 +462,7 @@ class LazyPageServer:
         self._sources: dict[str, PageSource] = {}
         self._pagemaps: dict[int, Pagemap] = {}
         self._readers: dict[str, _ReadAhead] = {}
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lazy-pages-read")
+        self._worker = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lazy-pages-read")
         self._sock: socket.socket | None = None
         self._daemon: asyncio.subprocess.Process | None = None
         self._thread: threading.Thread | None = None
