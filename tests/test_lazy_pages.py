@@ -33,11 +33,14 @@ from kernelhib.engines.lazy_pages import (
     PageSource,
     coalesce,
     encode_pagemap,
+    lazy_pages_unavailable,
     parse_pagemap,
     restore_small_runs_eagerly,
     write_eager_pages,
 )
 from kernelhib.kernel_process import namespace_init
+
+from .conftest import REQUIRE_CRIU
 
 # A process holding random data; it hashes parts of it when a file asks it to.
 HOLDER = r"""
@@ -69,6 +72,17 @@ while True:
             os.rename(ask + ".tmp", ask + ".out")
     time.sleep(0.002)
 """
+
+
+@pytest.fixture(scope="module")
+def lazy_criu(criu_path: str) -> str:
+    """CRIU, where it can restore lazily here."""
+    reason = lazy_pages_unavailable(criu_path)
+    if reason:
+        if REQUIRE_CRIU:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return criu_path
 
 
 @dataclass
@@ -268,9 +282,9 @@ def test_the_smallest_lazy_runs_up_to_the_budget_are_made_eager() -> None:
 
 
 @pytest.mark.criu
-async def test_lazily_restored_process_has_all_its_data(criu_path: str, tmp_path: Path) -> None:
-    holder = await dump_holder(criu_path, tmp_path, 64)
-    async with lazy_restore(criu_path, holder, holder.open_pages) as process:
+async def test_lazily_restored_process_has_all_its_data(lazy_criu: str, tmp_path: Path) -> None:
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+    async with lazy_restore(lazy_criu, holder, holder.open_pages) as process:
         assert await ask(holder, "early") == holder.expected["early"]
         stats = await process.server.wait()
         assert await ask(holder, "all") == holder.expected["all"]
@@ -301,11 +315,11 @@ def corrupt_late_block(holder: DumpedHolder) -> tuple[str, int]:
 
 @pytest.mark.criu
 async def test_a_late_corrupt_block_ends_the_process_and_is_named(
-    criu_path: str, tmp_path: Path
+    lazy_criu: str, tmp_path: Path
 ) -> None:
-    holder = await dump_holder(criu_path, tmp_path, 64)
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
     name, block = corrupt_late_block(holder)
-    async with lazy_restore(criu_path, holder, holder.open_pages) as process:
+    async with lazy_restore(lazy_criu, holder, holder.open_pages) as process:
         # It runs, and what it reads first is intact.
         assert await ask(holder, "early") == holder.expected["early"]
         with pytest.raises(LazyPageError, match=re.escape(f"block {block} of {name}")):
@@ -341,16 +355,16 @@ def open_fds_to(directory: Path) -> list[str]:
 
 @pytest.mark.criu
 async def test_killing_the_process_mid_drain_releases_the_server(
-    criu_path: str, tmp_path: Path
+    lazy_criu: str, tmp_path: Path
 ) -> None:
-    holder = await dump_holder(criu_path, tmp_path, 64)
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
     opened: list[SlowPages] = []
 
     def open_slowly(name: str) -> SlowPages:
         opened.append(SlowPages(holder.open_pages(name), delay=0.05))
         return opened[-1]
 
-    async with lazy_restore(criu_path, holder, open_slowly) as process:
+    async with lazy_restore(lazy_criu, holder, open_slowly) as process:
         assert await ask(holder, "early") == holder.expected["early"]
         os.kill(process.pid, signal.SIGKILL)
         # The daemon sees its task gone and lets go: the wait ends either way.
@@ -367,14 +381,14 @@ async def test_killing_the_process_mid_drain_releases_the_server(
 
 @pytest.mark.criu
 async def test_closing_the_wake_mid_drain_kills_the_process_first(
-    criu_path: str, tmp_path: Path
+    lazy_criu: str, tmp_path: Path
 ) -> None:
-    holder = await dump_holder(criu_path, tmp_path, 64)
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
 
     def open_slowly(name: str) -> SlowPages:
         return SlowPages(holder.open_pages(name), delay=0.05)
 
-    async with lazy_restore(criu_path, holder, open_slowly) as process:
+    async with lazy_restore(lazy_criu, holder, open_slowly) as process:
         assert await ask(holder, "early") == holder.expected["early"]
         await process.server.close()
         # Dead, not left running on zeros where its memory was not yet back.
@@ -386,15 +400,15 @@ async def test_closing_the_wake_mid_drain_kills_the_process_first(
 
 @pytest.mark.criu
 async def test_an_eagerly_restored_page_that_fails_stops_the_wake_before_it_starts(
-    criu_path: str, tmp_path: Path
+    lazy_criu: str, tmp_path: Path
 ) -> None:
-    holder = await dump_holder(criu_path, tmp_path, 8)
+    holder = await dump_holder(lazy_criu, tmp_path, 8)
     pagemap = next(holder.restore_dir.glob("pagemap-[0-9]*.img"))
     entries = parse_pagemap(pagemap.read_bytes()).entries
     eager = next(e for e in entries if e.flags & PE_PRESENT and not e.flags & PE_LAZY)
     name = parse_pagemap(pagemap.read_bytes()).pages_name
     block = flip_byte(holder.store / name, eager.offset)
-    server = LazyPageServer(criu_path, holder.restore_dir, holder.open_pages)
+    server = LazyPageServer(lazy_criu, holder.restore_dir, holder.open_pages)
     with pytest.raises(LazyPageError, match=re.escape(f"block {block} of {name}")):
         await server.start()
     assert server._daemon is None  # the daemon was never started
@@ -402,12 +416,20 @@ async def test_an_eagerly_restored_page_that_fails_stops_the_wake_before_it_star
 
 
 @pytest.mark.criu
-async def test_the_fetch_fills_a_kernel_restored_stopped(criu_path: str, tmp_path: Path) -> None:
+async def test_the_fetch_fills_a_kernel_restored_stopped(lazy_criu: str, tmp_path: Path) -> None:
     """The engine restores with --leave-stopped and continues the kernel later."""
-    holder = await dump_holder(criu_path, tmp_path, 64)
-    async with lazy_restore(criu_path, holder, holder.open_pages, "--leave-stopped") as process:
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+    async with lazy_restore(lazy_criu, holder, holder.open_pages, "--leave-stopped") as process:
         stats = await asyncio.wait_for(process.server.wait(), 60)
         assert stats.bytes_sent >= 64 << 20
         assert not (holder.work / "early.out").exists()  # it has not run yet
         os.kill(process.pid, signal.SIGCONT)
         assert await ask(holder, "all") == holder.expected["all"]
+
+
+def test_a_criu_that_cannot_restore_lazily_is_reported_with_the_reason(tmp_path: Path) -> None:
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho 'UFFD is not supported' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert "UFFD is not supported" in (lazy_pages_unavailable(fake) or "")
+    assert "could not run" in (lazy_pages_unavailable(tmp_path / "missing") or "")

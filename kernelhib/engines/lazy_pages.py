@@ -46,6 +46,7 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -316,6 +317,22 @@ def write_eager_pages(image_dir: Path, open_pages: Callable[[str], PageSource]) 
         for fd in files.values():
             os.close(fd)
     return written
+
+
+def lazy_pages_unavailable(criu: Path | str) -> str | None:
+    """Why this machine cannot restore lazily, or None: ``--lazy-pages`` needs
+    userfaultfd with non-cooperative events (``criu check --feature uffd-noncoop``).
+    Blocking."""
+    try:
+        check = subprocess.run(
+            [str(criu), "check", "--feature", "uffd-noncoop"],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"criu check could not run: {exc}"
+    if check.returncode != 0:
+        return f"criu check --feature uffd-noncoop failed: {(check.stdout + check.stderr).strip()}"
+    return None
 
 
 class BlockHashedPages:
