@@ -51,19 +51,17 @@ shared = mmap.mmap(-1, 1 << 20)  # MAP_SHARED: CRIU restores it eagerly, from fi
 shared.write(os.urandom(1 << 20))
 block = 256 << 10
 ranges = {"early": (0, 64 << 10), "late": (len(data) - block, len(data)), "all": (0, len(data))}
+names = [*ranges, "shared"]
 def digest(name):
-    if name == "shared":
-        return hashlib.sha256(shared).hexdigest()
-    start, end = ranges[name]
-    return hashlib.sha256(memoryview(data)[start:end]).hexdigest()
-ranges["shared"] = None
-facts = {name: digest(name) for name in ranges}
+    view = shared if name == "shared" else memoryview(data)[slice(*ranges[name])]
+    return hashlib.sha256(view).hexdigest()
+facts = {name: digest(name) for name in names}
 facts["late_marker"] = data[-block:][:64].hex()
 with open(os.path.join(work, "expected.json"), "w") as f:
     json.dump(facts, f)
 os.rename(os.path.join(work, "expected.json"), os.path.join(work, "ready.json"))
 while True:
-    for name in ranges:
+    for name in names:
         ask = os.path.join(work, name)
         if os.path.exists(ask):
             os.unlink(ask)
