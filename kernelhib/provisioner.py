@@ -40,6 +40,7 @@ from traitlets import CaselessStrEnum, Unicode, default
 from .engines.base import EngineError
 from .engines.criu import CriuEngine
 from .engines.criu_service import CriuService, acall
+from .engines.criu_stream import ImageSink, ImageSource
 from .kernel_process import KernelProcess, namespace_init
 from .paths import kernelhib_data_dir, private_dir
 
@@ -221,8 +222,11 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
 
     # Hibernation, in the order the hibernator calls it.
 
-    async def checkpoint(self, engine: CriuEngine, image_dir: Path) -> int:
-        """Write the kernel's image and leave it stopped; return the memory it holds.
+    async def checkpoint(
+        self, engine: CriuEngine, image_dir: Path, sink: ImageSink | None = None
+    ) -> int:
+        """Write the kernel's image (streamed into ``sink`` if given) and leave it
+        stopped; return the memory it holds.
 
         On failure the kernel is resumed, untouched, and EngineError is raised.
         """
@@ -232,7 +236,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             raise EngineError("the kernel process is not running")
         memory = self.kernel.memory_bytes()
         try:
-            await engine.dump(self.kernel.pid, image_dir)
+            await engine.dump(self.kernel.pid, image_dir, sink)
         except BaseException:
             self.resume()
             raise
@@ -243,12 +247,15 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         if self.kernel:
             self.kernel.resume()
 
-    async def restore(self, engine: CriuEngine, image_dir: Path) -> None:
-        """Bring the kernel back from its image, as our child, in a new pid namespace.
+    async def restore(
+        self, engine: CriuEngine, image_dir: Path, source: ImageSource | None = None
+    ) -> None:
+        """Bring the kernel back from its image (streamed from ``source`` if given), as
+        our child, in a new pid namespace.
 
         It is left stopped: :meth:`resume` lets it run.
         """
-        pid = await engine.restore(image_dir)
+        pid = await engine.restore(image_dir, source)
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid
         self.hibernated = False
