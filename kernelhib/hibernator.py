@@ -137,7 +137,7 @@ class Hibernation:
 
     state: str = "running"  # running | hibernating | hibernated | waking
     engine: str = ""
-    image_bytes: int = 0  # what storing the image took: chunks other images hold count not
+    image_bytes: int = 0  # what storing it took: chunks other images already held cost nothing
     logical_bytes: int = 0  # the image's files as the engine wrote them
     freed_bytes: int = 0
     gpu_freed_bytes: int = 0  # GPU memory the kernel held (dill hibernations of CUDA kernels)
@@ -322,6 +322,9 @@ class KernelHibernator(LoggingConfigurable):
         self._watchdog: subprocess.Popen[bytes] | None = None
         # Kernel id -> the estimated size of its image being written: room already taken.
         self._reserved: dict[str, int] = {}
+        # Running kernel id -> the chunks of the image it was woken from: kept (from
+        # garbage collection) for its next hibernation, which then writes only what changed.
+        self._parents: dict[str, set[str]] = {}
         metrics.watch(self.kept)
 
     @property
@@ -539,6 +542,9 @@ class KernelHibernator(LoggingConfigurable):
             raise error from exc
 
         await asyncio.to_thread(self.store.journal.remove, kernel_id)  # no process left
+        if self._parents.pop(kernel_id, None):
+            # Its new image holds what it still needs of the one it was woken from.
+            self._later(self._collect_chunks())
         record.settle(image)
         record.seconds = time.monotonic() - started
         km.execution_state = "hibernated"
@@ -681,6 +687,8 @@ class KernelHibernator(LoggingConfigurable):
             engine = self._criu if image.manifest.get("engine") == self._criu.name else self._dill
             async with self._lend(image, engine) as lent:
                 woken = await engine.wake(_Lent(self, km, record), lent)
+                # Before the chunks are let go of: no collection can come between.
+                self._parents[kernel_id] = lent.digests()
             record.lost = woken.lost
             try:
                 # The process is the kernel now, then the image is gone for good,
@@ -693,6 +701,7 @@ class KernelHibernator(LoggingConfigurable):
                 raise
         except (Exception, asyncio.CancelledError) as exc:
             await asyncio.to_thread(self.store.journal.remove, kernel_id)
+            self._parents.pop(kernel_id, None)  # the image itself is kept
             record.state = "hibernated"
             record.error = f"wake failed, the image is kept: {exc}"
             # A dill wake's fresh kernel may have reported itself idle before it was ended.
@@ -731,13 +740,18 @@ class KernelHibernator(LoggingConfigurable):
         await self._collect_chunks()
 
     async def _collect_chunks(self) -> None:
-        """Delete the chunks no committed image refers to, off the event loop.
+        """Delete the chunks no committed image refers to, nor the image a running kernel
+        was woken from, off the event loop.
 
         Skipped while a hibernation or a wake uses chunks (the next discard
         collects them), or when a manifest cannot be read (its chunks stay).
         """
+
+        def referenced() -> set[str]:
+            return self.store.referenced_chunks().union(*tuple(self._parents.values()))
+
         try:
-            removed = await asyncio.to_thread(self.store.collect_chunks)
+            removed = await asyncio.to_thread(self.store.chunks.gc, referenced)
         except Exception as exc:  # a broken manifest: keep every chunk, say why
             self.log.warning("Chunks not collected: %s", exc)
             return
@@ -917,6 +931,8 @@ class KernelHibernator(LoggingConfigurable):
         """
         record = self._records.pop(kernel_id, None)
         if record is None or record.state == "running":
+            if self._parents.pop(kernel_id, None):
+                await self._collect_chunks()  # what its next hibernation would have reused
             return
         km = self.kernel_manager.get_kernel(kernel_id)
         if isinstance(km.provisioner, HibernatingProvisioner):
@@ -1070,6 +1086,10 @@ class _LentImage:
 
     async def verified(self) -> None:
         await self.checked
+
+    def digests(self) -> set[str]:
+        """The chunks the image's files are made of."""
+        return set().union(*(file.digests() for file in self.chunked.values()))
 
     def streamed(self, directory: Path) -> StreamedImage | None:
         if not self.chunked:

@@ -321,11 +321,6 @@ class ImageStore:
                 referenced |= self.chunks.open(refs).digests()
         return referenced
 
-    def collect_chunks(self) -> int | None:
-        """Delete the chunks no committed image refers to; None when a hibernation or a
-        wake uses chunks (try later). A crash at any point leaves every image whole."""
-        return self.chunks.gc(self.referenced_chunks)
-
     def verify(self, image: Image, names: Iterable[str]) -> None:
         """Check the named files of a signed image against their hashes.
 
