@@ -16,7 +16,7 @@ import queue
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -31,9 +31,11 @@ from traitlets import Bool, CaselessStrEnum, Float, Instance, Int, Unicode, defa
 from traitlets.config import LoggingConfigurable
 
 from . import journal, metrics
+from .chunk_store import ChunkedFile, FormatError, StreamedImage
 from .engines.base import ENGINE_CHOICES, Engine, EngineError
 from .engines.criu import CriuEngine
 from .engines.criu_service import CriuService
+from .engines.criu_stream import ImageSink, ImageSource
 from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
@@ -65,6 +67,8 @@ class Reason(str, Enum):
     NO_ENGINE = "no-engine"
     HIBERNATE_FAILED = "hibernate-failed"
     WAKE_FAILED = "wake-failed"
+    # The image's format is newer than this kernelhib reads: upgrade, or discard the image.
+    IMAGE_FORMAT = "image-format"
     NO_SPACE = "no-space"  # the image store's filesystem has no room for the image
     STORE_FULL = "store-full"  # the image would take the store past max_image_bytes
     # Another operation on the kernel is in flight (the values of Operation).
@@ -139,7 +143,8 @@ class Hibernation:
 
     state: str = "running"  # running | hibernating | hibernated | waking
     engine: str = ""
-    image_bytes: int = 0
+    image_bytes: int = 0  # what storing it took: chunks other images already held cost nothing
+    logical_bytes: int = 0  # the image's files as the engine wrote them
     freed_bytes: int = 0
     gpu_freed_bytes: int = 0  # GPU memory the kernel held (a CUDA kernel's)
     seconds: float = 0.0
@@ -159,7 +164,8 @@ class Hibernation:
         manifest = image.manifest
         self.state = "hibernated"
         self.engine = manifest["engine"]
-        self.image_bytes = image.bytes
+        self.image_bytes = image.stored_bytes
+        self.logical_bytes = image.bytes
         self.freed_bytes = manifest.get("freed_bytes", 0)
         self.gpu_freed_bytes = manifest.get("gpu_freed_bytes", 0)
         self.hibernated_at = manifest["created"]
@@ -174,6 +180,7 @@ class Hibernation:
             model.update(
                 engine=self.engine,
                 image_bytes=self.image_bytes,
+                logical_bytes=self.logical_bytes,
                 freed_bytes=self.freed_bytes,
                 seconds=round(self.seconds, 3),
                 hibernated_at=self.hibernated_at,
@@ -275,6 +282,15 @@ class KernelHibernator(LoggingConfigurable):
         "Off by default: it makes hibernation slower.",
     )
 
+    chunked_images = Bool(
+        True,
+        config=True,
+        help="Store CRIU images' memory as deduplicated, compressed chunks (image format "
+        "2): a re-hibernation writes only what changed, and kernels share identical memory. "
+        "False writes plain files (format 1), as kernelhib did before. Images of either "
+        "format wake. Not with kernelhib-criud, whose images are plain files.",
+    )
+
     snapshot_timeout = Float(
         600,
         config=True,
@@ -328,6 +344,9 @@ class KernelHibernator(LoggingConfigurable):
         # Kernel id -> the estimated size of its image being written: room already taken.
         self._reserved: dict[str, int] = {}
         self.recomputer = Recomputer(self.kernel_manager, self.log)
+        # Running kernel id -> the chunks of the image it was woken from: kept (from
+        # garbage collection) for its next hibernation, which then writes only what changed.
+        self._parents: dict[str, set[str]] = {}
         metrics.watch(self.kept)
 
     @property
@@ -536,7 +555,7 @@ class KernelHibernator(LoggingConfigurable):
                 else:
                     self._resume(km)
                     km.start_restarter()
-                    await asyncio.to_thread(self.store.discard, kernel_id)
+                    await self._discard(kernel_id)
                     raise
         except (Exception, asyncio.CancelledError) as exc:
             record.state = "running"
@@ -551,6 +570,9 @@ class KernelHibernator(LoggingConfigurable):
             raise error from exc
 
         await asyncio.to_thread(self.store.journal.remove, kernel_id)  # no process left
+        if self._parents.pop(kernel_id, None):
+            # Its new image holds what it still needs of the one it was woken from.
+            self._later(self._collect_chunks())
         record.settle(image)
         record.seconds = time.monotonic() - started
         km.execution_state = "hibernated"
@@ -602,6 +624,11 @@ class KernelHibernator(LoggingConfigurable):
         On failure the kernel runs on untouched and no image or staging is left.
         """
         staging = await asyncio.to_thread(self.store.stage, km.kernel_id, engine.is_bulk)
+        streamed = (
+            StreamedImage(self.store.chunks, staging, engine.is_bulk)
+            if self.chunked_images
+            else None
+        )
         meta: dict[str, Any] = {
             "engine": engine.name,
             "pid": km.provisioner.pid,
@@ -612,18 +639,23 @@ class KernelHibernator(LoggingConfigurable):
         try:
             if pid := _pid(km):  # before CRIU's CUDA plugin or the kernel's end frees it
                 meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, pid)
-            meta.update(await engine.write(_Lent(self, km, self.record(km.kernel_id)), staging))
-            if "lost" in meta and self.recompute != "off":  # recompute hook: plan in the image
-                meta["recompute"] = await self.recomputer.prepare(
-                    km.kernel_id, staging, meta["lost"]
-                )
-            try:
-                return await asyncio.to_thread(self.store.commit, staging, km.kernel_id, meta)
-            except BaseException:
-                self._resume(km)
-                raise
+            # The chunks it stores or finds are referenced by no image until the commit.
+            async with self._using_chunks():
+                lent = _Lent(self, km, self.record(km.kernel_id))
+                meta.update(await engine.write(lent, staging, streamed))
+                if "lost" in meta and self.recompute != "off":  # recompute: plan in the image
+                    meta["recompute"] = await self.recomputer.prepare(
+                        km.kernel_id, staging, meta["lost"]
+                    )
+                try:
+                    return await asyncio.to_thread(
+                        self.store.commit, staging, km.kernel_id, meta, streamed
+                    )
+                except BaseException:
+                    self._resume(km)
+                    raise
         except BaseException:
-            await asyncio.to_thread(self.store.discard, staging)
+            await self._discard(staging)
             raise
 
     def _resume(self, km: KernelManager) -> None:
@@ -689,6 +721,8 @@ class KernelHibernator(LoggingConfigurable):
             engine = self._engine_named(image.manifest.get("engine"))
             async with self._lend(image, engine) as lent:
                 woken = await engine.wake(_Lent(self, km, record), lent)
+                # Before the chunks are let go of: no collection can come between.
+                self._parents[kernel_id] = lent.digests()
             record.lost = woken.lost
             if record.lost and self.recompute != "off":  # recompute hook: offer or run
                 await self._recompute_at_wake(km, image, record)
@@ -703,11 +737,13 @@ class KernelHibernator(LoggingConfigurable):
                 raise
         except (Exception, asyncio.CancelledError) as exc:
             await asyncio.to_thread(self.store.journal.remove, kernel_id)
+            self._parents.pop(kernel_id, None)  # the image itself is kept
             record.state = "hibernated"
             record.error = f"wake failed, the image is kept: {exc}"
             # A dill wake's fresh kernel may have reported itself idle before it was ended.
             km.execution_state, km.reason = "hibernated", record.error
-            error = HibernationError(record.error, Reason.WAKE_FAILED)
+            reason = Reason.IMAGE_FORMAT if isinstance(exc, FormatError) else Reason.WAKE_FAILED
+            error = HibernationError(record.error, reason)
             self._ended(Operation.WAKE, kernel_id, record, record.engine, started, error)
             raise error from exc
         finally:
@@ -732,7 +768,44 @@ class KernelHibernator(LoggingConfigurable):
         self._records[kernel_id] = Hibernation(epoch=record.epoch + 1, recompute=record.recompute)
         # The image holds every secret the kernel had: gone now, but without
         # making the user wait for a multi-GiB delete.
-        self._later(asyncio.to_thread(self.store.discard, retired))
+        self._later(self._discard(retired))
+
+    async def _discard(self, image: Path | str) -> None:
+        """Delete an image, then the chunks that no image refers to any more."""
+        await asyncio.to_thread(self.store.discard, image)
+        await self._collect_chunks()
+
+    async def _collect_chunks(self) -> None:
+        """Delete the chunks no committed image refers to, nor the image a running kernel
+        was woken from, off the event loop.
+
+        Skipped while a hibernation or a wake uses chunks (the next discard
+        collects them), or when a manifest cannot be read (its chunks stay).
+        """
+
+        def referenced() -> set[str]:
+            return self.store.referenced_chunks().union(*tuple(self._parents.values()))
+
+        try:
+            removed = await asyncio.to_thread(self.store.chunks.gc, referenced)
+        except Exception as exc:  # a broken manifest: keep every chunk, say why
+            self.log.warning("Chunks not collected: %s", exc)
+            return
+        if removed:
+            self.log.info("Deleted %d chunks no image refers to", removed)
+
+    @contextlib.asynccontextmanager
+    async def _using_chunks(self) -> AsyncIterator[None]:
+        """Hold off chunk garbage collection (``ChunkStore.using``); the lock is taken
+        off the event loop, since a collection holds it a while."""
+        using = self.store.chunks.using()
+        entering = asyncio.ensure_future(asyncio.to_thread(using.__enter__))
+        try:
+            await asyncio.shield(entering)
+            yield
+        finally:
+            await entering  # taken even if cancelled meanwhile: then let go of it
+            using.__exit__(None, None, None)
 
     @contextlib.asynccontextmanager
     async def _lend(self, image: Image, engine: Engine) -> AsyncIterator[_LentImage]:
@@ -743,11 +816,18 @@ class KernelHibernator(LoggingConfigurable):
         bulk of the image, read from the disk once. That check counts only once
         the signature passed.
         """
-        bulk = [name for name in image.manifest.get("files", {}) if engine.is_bulk(name)]
+        files = image.manifest.get("files", {})
+        bulk = [
+            name
+            for name, entry in (files.items() if isinstance(files, dict) else ())
+            if engine.is_bulk(name) and isinstance(entry, dict) and "blake3" in entry
+        ]
         checked = asyncio.ensure_future(asyncio.to_thread(self.store.verify, image, bulk))
         try:
-            await asyncio.to_thread(self.store.authenticate, image, engine.is_bulk)
-            yield _LentImage(self.store, image, checked)
+            async with self._using_chunks():
+                await asyncio.to_thread(self.store.authenticate, image, engine.is_bulk)
+                chunked = self.store.open_chunked(image)
+                yield _LentImage(self.store, image, checked, chunked, engine.is_bulk)
         finally:
             await asyncio.gather(checked, return_exceptions=True)
 
@@ -792,6 +872,8 @@ class KernelHibernator(LoggingConfigurable):
     def start(self) -> None:
         """Start the idle watcher, once the server's event loop runs, and the watchdog."""
         self.idle.start()
+        # What images discarded before a crash, or by the last server, left.
+        self._later(self._collect_chunks())
         if self._watchdog is None:
             # Its own session: a Ctrl-C in the server's terminal must not end it. The
             # pipe's write end stays here only (not inheritable): it closes when we exit.
@@ -894,13 +976,15 @@ class KernelHibernator(LoggingConfigurable):
         record = self._records.pop(kernel_id, None)
         self.recomputer.forget(kernel_id)
         if record is None or record.state == "running":
+            if self._parents.pop(kernel_id, None):
+                await self._collect_chunks()  # what its next hibernation would have reused
             return
         km = self.kernel_manager.get_kernel(kernel_id)
         if isinstance(km.provisioner, HibernatingProvisioner):
             km.provisioner.hibernated = False
         # Not hibernated any more: a restart starts it afresh (its status follows).
         km.execution_state = "starting"
-        await asyncio.to_thread(self.store.discard, kernel_id)
+        await self._discard(kernel_id)
 
     # Recompute: what a dill hibernation or wake lost (kernelhib/recomputer.py).
 
@@ -1064,11 +1148,15 @@ class _Lent:
     def client(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return _client(self.km)
 
-    async def checkpoint(self, engine: CriuEngine, directory: Path) -> int:
-        return await self.km.provisioner.checkpoint(engine, directory)
+    async def checkpoint(
+        self, engine: CriuEngine, directory: Path, sink: ImageSink | None = None
+    ) -> int:
+        return await self.km.provisioner.checkpoint(engine, directory, sink)
 
-    async def restore(self, engine: CriuEngine, directory: Path) -> None:
-        await self.km.provisioner.restore(engine, directory)
+    async def restore(
+        self, engine: CriuEngine, directory: Path, source: ImageSource | None = None
+    ) -> None:
+        await self.km.provisioner.restore(engine, directory, source)
 
     def resume(self) -> None:
         self.hibernator._resume(self.km)
@@ -1097,7 +1185,9 @@ class _LentImage:
 
     store: ImageStore
     image: Image
-    checked: asyncio.Future[None]  # the check of the engine's bulk files
+    checked: asyncio.Future[None]  # the check of the engine's plain bulk files
+    chunked: dict[str, ChunkedFile]  # its chunked files (format 2), each read verified
+    is_bulk: Callable[[str], bool]
 
     @property
     def path(self) -> Path:
@@ -1105,6 +1195,15 @@ class _LentImage:
 
     async def verified(self) -> None:
         await self.checked
+
+    def digests(self) -> set[str]:
+        """The chunks the image's files are made of."""
+        return set().union(*(file.digests() for file in self.chunked.values()))
+
+    def streamed(self, directory: Path) -> StreamedImage | None:
+        if not self.chunked:
+            return None
+        return StreamedImage(self.store.chunks, directory, self.is_bulk, self.chunked)
 
     @contextlib.asynccontextmanager
     async def signed_copy(self) -> AsyncIterator[Path]:

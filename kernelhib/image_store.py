@@ -28,6 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .chunk_store import (
+    CHUNKED_FORMAT,
+    PLAIN_FORMAT,
+    ChunkedFile,
+    ChunkStore,
+    StreamedImage,
+    image_format,
+)
 from .disk_io import Partial, WriteBehind, digest, evict, fsync
 from .journal import Journal
 from .paths import private_dir
@@ -55,7 +63,20 @@ class Image:
 
     @property
     def bytes(self) -> int:
+        """The image's logical size: its files as the engine wrote them, chunks unpacked."""
         return sum(entry["size"] for entry in self.manifest["files"].values())
+
+    @property
+    def stored_bytes(self) -> int:
+        """What storing the image took: its plain files and the chunks it was the first
+        to store (chunks other images already held cost it nothing)."""
+        stored = self.manifest.get("stored_bytes")
+        return stored if isinstance(stored, int) else self.bytes
+
+    def chunked(self) -> dict[str, Any]:
+        """The chunk lists of the image's chunked files (format 2), by file name."""
+        files = self.manifest.get("files", {})
+        return {name: entry["chunks"] for name, entry in files.items() if "chunks" in entry}
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:
@@ -144,6 +165,11 @@ def _create_key(path: Path) -> None:
     fsync(path.parent)
 
 
+def plain_files(image: Image) -> list[str]:
+    """The names of the image's files kept as plain files in its directory."""
+    return [name for name, entry in image.manifest["files"].items() if "chunks" not in entry]
+
+
 class ImageStore:
     """One directory per hibernated kernel under ``root``; blocking, call from a thread."""
 
@@ -154,6 +180,7 @@ class ImageStore:
         self.root = private_dir(Path(root))
         self._release = release
         self._key = _load_key(self.root / _KEY_FILE)
+        self.chunks = ChunkStore(self.root)
         self._writing: dict[Path, WriteBehind] = {}
         self.journal = Journal(self.root / _JOURNAL_DIR, self._sign)
 
@@ -195,13 +222,21 @@ class ImageStore:
         writer = self._writing.pop(staging, None)
         return writer.stop() if writer else {}
 
-    def commit(self, staging: Path, kernel_id: str, meta: dict[str, Any]) -> Image:
+    def commit(
+        self,
+        staging: Path,
+        kernel_id: str,
+        meta: dict[str, Any],
+        streamed: StreamedImage | None = None,
+    ) -> Image:
         """Make ``staging`` the image of ``kernel_id``: durable, hashed, signed.
 
         Every file and directory is fsynced and every file hashed, then the
         signed manifest is written and the directory renamed into place. Until
         that rename, no image exists. The disk writes the files back while they
-        are hashed from the page cache.
+        are hashed from the page cache. Files ``streamed`` into the chunk store
+        (already durable) are listed by their chunks: the image is then format 2.
+        Call it within ``chunks.using()`` when it has any.
         """
         partials = self._written(staging)
         final = self.path(kernel_id)
@@ -226,7 +261,23 @@ class ImageStore:
             synced.result()
         for file in paths:
             evict(file)
-        manifest = {**meta, "kernel_id": kernel_id, "created": time.time(), "files": files}
+        stored = sum(entry["size"] for entry in files.values())
+        chunked = streamed.files if streamed else {}
+        for name, chunks in chunked.items():
+            if name in files:
+                raise ImageError(f"image file {name} was written both as chunks and as a file")
+            files[name] = {"size": chunks.size, "chunks": chunks.to_json()}
+        if chunked:
+            assert streamed is not None
+            stored += streamed.stats.bytes_written
+        manifest = {
+            **meta,
+            "format": CHUNKED_FORMAT if chunked else PLAIN_FORMAT,
+            "kernel_id": kernel_id,
+            "created": time.time(),
+            "files": files,
+            "stored_bytes": stored,
+        }
         manifest["signature"] = self._sign(manifest)
         manifest_path = staging / MANIFEST
         fd = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -244,12 +295,31 @@ class ImageStore:
 
         Files for which ``later(name)`` is true are left for :meth:`verify`: an
         engine may read bulk data (never code or structure) meanwhile, as long
-        as nothing runs before that check passes.
+        as nothing runs before that check passes. Chunked files are checked
+        chunk by chunk as they are read. An image in a format newer than this
+        kernelhib reads raises :class:`~kernelhib.chunk_store.FormatError`.
         """
         self._check_signature(image)
-        files = image.manifest["files"]
-        self.verify(image, [name for name in files if not (later and later(name))])
+        image_format(image.manifest)
+        self.verify(image, [name for name in plain_files(image) if not (later and later(name))])
         return image
+
+    def open_chunked(self, image: Image) -> dict[str, ChunkedFile]:
+        """The chunked files of an authenticated image; every read of them is verified.
+        Read them within ``chunks.using()``."""
+        return {name: self.chunks.open(refs) for name, refs in image.chunked().items()}
+
+    def referenced_chunks(self) -> set[str]:
+        """The chunks that committed images refer to: what garbage collection keeps.
+
+        A manifest that cannot be read raises: its chunks are unknown, so none
+        may be deleted.
+        """
+        referenced: set[str] = set()
+        for kernel_id in self.kernel_ids():
+            for refs in self.read(kernel_id).chunked().values():
+                referenced |= self.chunks.open(refs).digests()
+        return referenced
 
     def verify(self, image: Image, names: Iterable[str]) -> None:
         """Check the named files of a signed image against their hashes.
@@ -318,7 +388,7 @@ class ImageStore:
             self.root / f"{_RESTORE_PREFIX}{image.path.name}.{uuid.uuid4().hex[:8]}"
         )
         try:
-            for name in image.manifest["files"]:
+            for name in plain_files(image):
                 (linked / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.link(image.path / name, linked / name, follow_symlinks=False)
         except FileNotFoundError as exc:

@@ -44,6 +44,7 @@ from .engines import cuda
 from .engines.base import EngineError
 from .engines.criu import CriuEngine
 from .engines.criu_service import CriuService, acall
+from .engines.criu_stream import ImageSink, ImageSource
 from .kernel_process import KernelProcess, namespace_init, process_tree
 from .paths import kernelhib_data_dir, private_dir
 
@@ -248,8 +249,11 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
 
     # Hibernation, in the order the hibernator calls it.
 
-    async def checkpoint(self, engine: CriuEngine, image_dir: Path) -> int:
-        """Write the kernel's image and leave it stopped; return the memory it holds.
+    async def checkpoint(
+        self, engine: CriuEngine, image_dir: Path, sink: ImageSink | None = None
+    ) -> int:
+        """Write the kernel's image (streamed into ``sink`` if given) and leave it
+        stopped; return the memory it holds.
 
         On failure the kernel is resumed, untouched, and EngineError is raised.
         """
@@ -259,7 +263,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             raise EngineError("the kernel process is not running")
         memory = self.kernel.memory_bytes()
         try:
-            await engine.dump(self.kernel.pid, image_dir)
+            await engine.dump(self.kernel.pid, image_dir, sink)
         except BaseException as exc:
             self.resume()
             if self.same_pids and isinstance(exc, EngineError):
@@ -287,9 +291,12 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
                 "Kernel %s: its GPU state did not come back: %s", self.kernel_id, problem
             )
 
-    async def restore(self, engine: CriuEngine, image_dir: Path) -> None:
-        """Bring the kernel back from its image, as our child, in a new pid namespace, or
-        (``same_pids``) at its own pids if none of them is taken.
+    async def restore(
+        self, engine: CriuEngine, image_dir: Path, source: ImageSource | None = None
+    ) -> None:
+        """Bring the kernel back from its image (streamed from ``source`` if given), as
+        our child, in a new pid namespace, or (``same_pids``) at its own pids if none of
+        them is taken.
 
         It is left stopped: :meth:`resume` lets it run.
         """
@@ -299,7 +306,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
                 f"a kernel of this GPU host is restored at its own pids (it has no pid "
                 f"namespace): wake it again once they have ended"
             )
-        pid = await engine.restore(image_dir)
+        pid = await engine.restore(image_dir, source)
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid
         self.hibernated = False

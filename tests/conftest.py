@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
 from kernelhib.engines.criu import CriuEngine
 from kernelhib.testing import (
@@ -133,6 +134,26 @@ def start_kernel(api: Any, open_channel: Any, jp_serverapp: Any):
 def image_path(serverapp: Any, kernel_id: str) -> Path:
     """Where the in-process test server keeps a kernel's image."""
     return Path(serverapp.kernel_manager.hibernator.image_dir) / kernel_id
+
+
+def page_chunk(image: Path, index: int = 0) -> Path:
+    """The ``index``-th stored chunk of a chunked (format 2) image's largest page file."""
+    manifest = json.loads((image / "manifest.json").read_text())
+    pages = [e for n, e in manifest["files"].items() if n.startswith("pages-") and "chunks" in e]
+    refs = max(pages, key=lambda e: e["size"])["chunks"]
+    digest = [d for d, _ in refs if d != "zero"][index]
+    return image.parent / ".chunks" / digest[:2] / digest[2:]
+
+
+def alter_chunk(chunk: Path) -> bytes:
+    """Flip one bit of a chunk's data, stored raw (a well-formed chunk that only its hash
+    can tell from the original); return the chunk file as it was."""
+    original = chunk.read_bytes()
+    data = original[1:]
+    if original[0] == 1:  # zstd
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    chunk.write_bytes(b"\0" + data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    return original
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ PAUSES = {
     "commit": ("kernelhib.image_store", "ImageStore", "commit", "before"),
     "end the process": ("kernelhib.hibernator", "KernelHibernator", "_end_process", "before"),
     "restore": ("kernelhib.engines.criu", "CriuEngine", "restore", "after"),
-    "verify": ("kernelhib.image_store", "ImageStore", "verify", "before"),
+    # A chunked image's pages are verified chunk by chunk as the restore reads them.
+    "verify": ("kernelhib.chunk_store", "ChunkStore", "get", "before"),
     "resume": ("kernelhib.provisioner", "HibernatingProvisioner", "resume", "after"),
     "first reply": ("kernelhib.hibernator", "KernelHibernator", "_until_responsive", "after"),
 }
@@ -32,7 +33,7 @@ def install(step: str, marker: str) -> None:
     original = getattr(cls, name)
 
     def reached(args: tuple[Any, ...]) -> bool:
-        # verify() also checks an image's small files first: stop at its pages.
+        # ImageStore.verify() also checks an image's small files first: stop at its pages.
         return name != "verify" or any(str(n).startswith("pages-") for n in args[-1])
 
     if inspect.iscoroutinefunction(original):

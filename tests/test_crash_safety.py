@@ -48,8 +48,12 @@ def criu_holds(kernel_id: str) -> bool:
 
 
 def pages_written(server: ServerProcess, size: int = 64 << 20) -> bool:
-    """Whether CRIU has written ``size`` bytes of memory pages into the staging image."""
-    return any(p.stat().st_size >= size for p in server.image_dir.glob(".partial-*/pages-*.img"))
+    """Whether ``size`` bytes of memory pages of an image being written are in the chunk
+    store (its only chunks: the store held none before)."""
+    if not any(server.image_dir.glob(".partial-*")):
+        return False
+    chunks = server.image_dir.glob(".chunks/*/*")
+    return sum(p.stat().st_size for p in chunks if p.is_file()) >= size
 
 
 def use_faults(config_dir: Path, step: str, marker: Path) -> None:

@@ -30,7 +30,7 @@ def fail(message: str):
     return _raise
 
 
-async def fail_dump(self: Any, pid: int, image_dir: Path) -> None:
+async def fail_dump(self: Any, pid: int, image_dir: Path, sink: Any = None) -> None:
     raise EngineError("injected: criu dump failed")
 
 
@@ -61,9 +61,12 @@ FAULTS = {
 
 
 def image_root_is_clean(jp_serverapp: Any) -> bool:
-    """No image and no partial one: only the store's own files (and journal) are left."""
+    """No image, no partial one, no chunk of one: only the store's own files (the key,
+    the journal, the chunk store's lock) are left."""
     root = Path(jp_serverapp.kernel_manager.hibernator.image_dir)
-    return not [p for p in root.iterdir() if p.is_dir() and p.name != ".journal"]
+    chunks = [p for p in (root / ".chunks").rglob("*") if p.is_file() and p.name != "lock"]
+    own = (".journal", ".chunks")
+    return not chunks and not [p for p in root.iterdir() if p.is_dir() and p.name not in own]
 
 
 @pytest.mark.parametrize("step", FAULTS)

@@ -13,7 +13,7 @@ import pytest
 
 from kernelhib.kernel_process import available_memory
 
-from .conftest import image_path, summarize, wait_for_state
+from .conftest import alter_chunk, image_path, page_chunk, summarize, wait_for_state
 
 pytestmark = pytest.mark.criu
 
@@ -80,7 +80,9 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
     assert model["execution_state"] == "hibernated"
     hibernation = model["hibernation"]
     assert hibernation["engine"] == "criu"
-    assert hibernation["image_bytes"] > 2**30
+    # The pages as CRIU wrote them; what the store took is less: zero pages cost nothing.
+    assert hibernation["logical_bytes"] > 2**30
+    assert 0 < hibernation["image_bytes"] <= hibernation["logical_bytes"]
     assert hibernation["freed_bytes"] >= private
     assert not Path(f"/proc/{pid}").exists(), "the kernel process must be gone"
     # 0.7, not 1: other processes on the machine allocate meanwhile.
@@ -224,19 +226,29 @@ async def test_image_is_private_while_hibernated(
     assert not image.exists(), "a woken kernel's image (all its secrets) must be deleted"
 
 
+@pytest.mark.parametrize(
+    "hibernator_config", [{}, {"chunked_images": False}], ids=["chunks", "plain-files"]
+)
 async def test_tampered_image_is_refused_and_kept(
-    start_kernel: Any, api: Any, jp_serverapp: Any
+    start_kernel: Any, api: Any, jp_serverapp: Any, hibernator_config: dict[str, Any]
 ) -> None:
     kernel_id, channel = await start_kernel()
     await channel.execute("value = 42")
     await api("POST", "kernels", kernel_id, "hibernate")
     image = image_path(jp_serverapp, kernel_id)
-    pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
-    original = pages.read_bytes()
-    pages.write_bytes(original[:4096] + bytes([original[4096] ^ 1]) + original[4097:])
+    if hibernator_config:
+        pages = max(image.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+        original = pages.read_bytes()
+        pages.write_bytes(original[:4096] + bytes([original[4096] ^ 1]) + original[4097:])
+        mismatch = "does not match its signed hash"
+    else:
+        pages = page_chunk(image)
+        original = alter_chunk(pages)
+        mismatch = "does not match its hash"
 
     error = await api("POST", "kernels", kernel_id, "wake", expect=500)
-    assert "does not match its signed hash" in error["message"]
+    assert mismatch in error["message"]
+    assert error["reason"] == "wake-failed"
     model = await api("GET", "kernels", kernel_id)
     assert model["execution_state"] == "hibernated"
     assert "does not match" in model["hibernation"]["error"]
@@ -299,3 +311,67 @@ async def test_a_wake_changes_no_random_state(start_kernel: Any, api: Any) -> No
     await api("POST", "kernels", kernel_id, "hibernate", body={"engine": "criu"})
     # The connected client's next cell wakes the kernel.
     assert (await channel.execute(SAME_RANDOM_STATE))["result"] == "True"
+
+
+async def test_an_image_stores_its_pages_as_chunks_and_wakes_verified(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("import numpy as np; data = np.random.default_rng(1).random(1 << 21)")
+    await api("POST", "kernels", kernel_id, "hibernate")
+    image = image_path(jp_serverapp, kernel_id)
+    manifest = json.loads((image / "manifest.json").read_text())
+    assert manifest["format"] == 2
+    pages = {n: e for n, e in manifest["files"].items() if n.startswith("pages-")}
+    assert pages and all("chunks" in e and "blake3" not in e for e in pages.values())
+    assert not list(image.glob("pages-*.img")), "page files go to the chunk store only"
+    assert all("blake3" in e for n, e in manifest["files"].items() if n not in pages)
+    assert page_chunk(image).is_file()
+
+    await api("POST", "kernels", kernel_id, "wake")
+    assert (await channel.execute("float(data.sum())"))["status"] == "ok"
+
+
+@pytest.mark.parametrize("hibernator_config", [{"chunked_images": False}])
+async def test_an_image_of_plain_files_wakes_where_chunks_are_written(
+    start_kernel: Any, api: Any, jp_serverapp: Any, hibernator_config: dict[str, Any]
+) -> None:
+    """What earlier releases wrote (format 1) still wakes."""
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = list(range(7))")
+    await api("POST", "kernels", kernel_id, "hibernate")
+    image = image_path(jp_serverapp, kernel_id)
+    manifest = json.loads((image / "manifest.json").read_text())
+    assert manifest.get("format", 1) == 1
+    assert all("blake3" in e for e in manifest["files"].values())
+    assert list(image.glob("pages-*.img"))
+
+    jp_serverapp.kernel_manager.hibernator.chunked_images = True
+    await api("POST", "kernels", kernel_id, "wake")
+    assert (await channel.execute("value"))["result"] == "[0, 1, 2, 3, 4, 5, 6]"
+
+
+async def test_an_image_in_a_newer_format_is_refused_and_kept(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = 42")
+    await api("POST", "kernels", kernel_id, "hibernate")
+    image = image_path(jp_serverapp, kernel_id)
+    written = (image / "manifest.json").read_text()
+    manifest = json.loads(written)
+    manifest["format"] = 3
+    manifest["signature"] = jp_serverapp.kernel_manager.hibernator.store._sign(manifest)
+    (image / "manifest.json").write_text(json.dumps(manifest))
+
+    error = await api("POST", "kernels", kernel_id, "wake", expect=500)
+    assert error["reason"] == "image-format"
+    assert "newer than this kernelhib reads" in error["message"]
+    assert "upgrade kernelhib" in error["message"]
+    model = await api("GET", "kernels", kernel_id)
+    assert model["execution_state"] == "hibernated"
+    assert "format 3" in model["hibernation"]["error"]
+
+    (image / "manifest.json").write_text(written)
+    await api("POST", "kernels", kernel_id, "wake")
+    assert (await channel.execute("value"))["result"] == "42"

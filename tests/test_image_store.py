@@ -44,7 +44,7 @@ def test_staging_is_not_an_image_until_committed(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="no image of kernel"):
         store.authenticate(store.read(KERNEL))
     store.discard(staging)
-    assert sorted(p.name for p in store.root.iterdir()) == ["secret.key"]
+    assert sorted(p.name for p in store.root.iterdir()) == [".chunks", "secret.key"]
 
 
 def test_an_image_is_never_overwritten(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_restore_dir_of_an_image_missing_a_file_is_refused_and_left_nowhere(
     (image.path / "pages-1.img").unlink()  # pages are checked while CRIU restores
     with pytest.raises(ImageError, match=r"pages-1\.img is missing"):
         store.restore_dir(store.read_signed(KERNEL))
-    assert sorted(p.name for p in store.root.iterdir()) == [KERNEL, "secret.key"]
+    assert sorted(p.name for p in store.root.iterdir()) == [".chunks", KERNEL, "secret.key"]
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_the_key_is_durable_before_it_is_used(
     assert len((root / "secret.key").read_text()) == 64
     root.joinpath(".partial-secret.key.1234abcd").write_text("")  # a crash mid-write
     store.sweep()
-    assert sorted(p.name for p in root.iterdir()) == ["secret.key"]
+    assert sorted(p.name for p in root.iterdir()) == [".chunks", "secret.key"]
 
 
 def test_commit_makes_every_directory_durable(
@@ -237,7 +237,7 @@ def test_retiring_an_image_is_durable(tmp_path: Path, monkeypatch: pytest.Monkey
     store.discard(KERNEL)  # a kernel shut down while hibernated
     assert (store.root, False) in synced
     assert store.kernel_ids() == []
-    assert sorted(p.name for p in store.root.iterdir()) == ["secret.key"]
+    assert sorted(p.name for p in store.root.iterdir()) == [".chunks", "secret.key"]
 
 
 def test_a_symlinked_image_dir_is_refused_and_its_target_untouched(tmp_path: Path) -> None:

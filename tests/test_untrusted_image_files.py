@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import image_path
+from .conftest import alter_chunk, image_path, page_chunk
 from .test_server_restart import listed, start_session
 
 pytestmark = pytest.mark.criu
@@ -24,8 +24,11 @@ def restore_dirs(image: Path) -> list[Path]:
     return list(image.parent.glob(".restore-*"))
 
 
+@pytest.mark.parametrize(
+    "hibernator_config", [{}, {"chunked_images": False}], ids=["chunks", "plain-files"]
+)
 async def test_crius_wake_never_reads_files_the_manifest_does_not_list(
-    start_kernel: Any, api: Any, jp_serverapp: Any
+    start_kernel: Any, api: Any, jp_serverapp: Any, hibernator_config: dict[str, Any]
 ) -> None:
     kernel_id, channel = await start_kernel()
     await channel.execute("import os; value = {'kept': list(range(5))}; pid = os.getpid()")
@@ -36,13 +39,22 @@ async def test_crius_wake_never_reads_files_the_manifest_does_not_list(
     (image / "sk-queues.img").write_bytes(b"\x00" * 64)
     shutil.copy(image / "files.img", image / "fifo-data.img")
     shutil.copy(image / "pagemap-1.img", image / "pagemap-9.img")
-    shutil.copy(image / "pages-1.img", image / "pages-9.img")
-    # A failed wake (a page altered) leaves nothing of CRIU's in the image.
-    pages = image / "pages-1.img"
-    original = pages.read_bytes()
-    pages.write_bytes(original[:4096] + bytes([original[4096] ^ 1]) + original[4097:])
+    if hibernator_config:  # plain files
+        shutil.copy(image / "pages-1.img", image / "pages-9.img")
+        # A failed wake (a page altered) leaves nothing of CRIU's in the image.
+        pages = image / "pages-1.img"
+        original = pages.read_bytes()
+        pages.write_bytes(original[:4096] + bytes([original[4096] ^ 1]) + original[4097:])
+        mismatch = "does not match its signed hash"
+    else:
+        # The pages are chunks: page files beside them must never be read.
+        (image / "pages-1.img").write_bytes(b"\xff" * (64 << 20))
+        (image / "pages-9.img").write_bytes(b"\xff" * (64 << 20))
+        pages = page_chunk(image)
+        original = alter_chunk(pages)
+        mismatch = "does not match its hash"
     error = await api("POST", "kernels", kernel_id, "wake", expect=500)
-    assert "does not match its signed hash" in error["message"]
+    assert mismatch in error["message"]
     assert not (image / "restore.log").exists() and not (image / "restored.pid").exists()
     assert restore_dirs(image) == []
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from .criu import CriuEngine
+    from .criu_stream import ImageSink, ImageSource
 
 # What a request may name: an engine, or "auto" for CRIU where it works, else dill.
 ENGINE_CHOICES = ("auto", "criu", "dill")
@@ -63,12 +64,18 @@ class Kernel(Protocol):
     def client(self) -> AbstractAsyncContextManager[Any]:
         """A kernel client of the server's, shell and control channels started."""
 
-    async def checkpoint(self, engine: CriuEngine, directory: Path) -> int:
-        """Have ``engine`` dump the process into ``directory`` and leave it stopped;
-        return the memory it held. On failure the process runs on."""
+    async def checkpoint(
+        self, engine: CriuEngine, directory: Path, sink: ImageSink | None = None
+    ) -> int:
+        """Have ``engine`` dump the process into ``directory`` (its files streamed into
+        ``sink`` if given) and leave it stopped; return the memory it held. On failure
+        the process runs on."""
 
-    async def restore(self, engine: CriuEngine, directory: Path) -> None:
-        """Have ``engine`` restore the process from ``directory``, left stopped."""
+    async def restore(
+        self, engine: CriuEngine, directory: Path, source: ImageSource | None = None
+    ) -> None:
+        """Have ``engine`` restore the process from ``directory`` (its files streamed
+        from ``source`` if given), left stopped."""
 
     def resume(self) -> None:
         """Let the process that :meth:`checkpoint` or :meth:`restore` left stopped run."""
@@ -105,6 +112,12 @@ class StoredImage(Protocol):
         """A fresh directory holding only the image's signed files, removed after use:
         for a reader that opens whatever file it finds there (CRIU)."""
 
+    def streamed(self, directory: Path) -> ImageSource | None:
+        """The image's files for a streamed read, the plain ones from its
+        :meth:`signed_copy` ``directory`` and the bulk ones from the chunk store, each
+        chunk verified before it is handed out; None when its bulk files are plain
+        files (format 1), read from ``directory`` and checked by :meth:`verified`."""
+
 
 class Engine(ABC):
     """Base class of the hibernation engines, chosen by :attr:`name`."""
@@ -131,9 +144,13 @@ class Engine(ABC):
         Blocking."""
 
     @abstractmethod
-    async def write(self, kernel: Kernel, staging: Path) -> dict[str, Any]:
+    async def write(
+        self, kernel: Kernel, staging: Path, sink: ImageSink | None = None
+    ) -> dict[str, Any]:
         """Save the kernel into ``staging``; return what the manifest records of it
         (``freed_bytes``, and ``gpu_freed_bytes`` and ``lost`` where they apply).
+        An engine that can may stream its files into ``sink`` instead, which
+        stores its bulk files as chunks.
 
         On failure the kernel runs on untouched. On success it may be left
         stopped; the hibernator ends it once the image is committed.

@@ -15,14 +15,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..kernel_process import gpu_memory, tree_memory
 from .base import Availability, Engine, EngineError, Kernel, StoredImage, Woken
 from .criu_install import CriuBinary, CriuUnavailable, locate_criu, version_text
 from .criu_service import ServiceError, acall, call
+from .criu_stream import ImageSink, ImageSource, Streamer
 from .dill import DillEngine
 
 # One table of options serves both drivers: RPC field name -> command-line flag.
@@ -46,6 +47,8 @@ _PROC_MOUNT = "proc.crtools"
 SERVICE_IMAGE = "criud.json"
 # Inside a CRIU image: the optional dill snapshot woken from if the restore fails.
 DILL_SNAPSHOT = "dill"
+
+_T = TypeVar("_T")
 
 
 def _log_errors(log: Path, limit: int = 6) -> str:
@@ -73,23 +76,38 @@ class _CliDriver:
         prefix: Sequence[str] = (),
     ) -> None:
         log = DUMP_LOG if action == "dump" else RESTORE_LOG
-        cmd = [*prefix, str(self.binary.path), action, "-D", str(image_dir), "-o", log, "-v2"]
+        # Streamed, CRIU runs in the images directory: it connects to the streamer's
+        # socket by the -D path it was given, and a socket's path may be at most 107 bytes.
+        stream = "--stream" in extra
+        images = "." if stream else str(image_dir)
+        cmd = [*prefix, str(self.binary.path), action, "-D", images, "-o", log, "-v2"]
         cmd += list(options.values()) + extra
-        result = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            cwd=image_dir if stream else None,
+        )
         if result.returncode != 0:
             raise EngineError(
                 f"criu {action} failed (exit {result.returncode}):\n" + _log_errors(image_dir / log)
             )
 
-    def dump(self, pid: int, image_dir: Path, prefix: Sequence[str] = ()) -> None:
+    def dump(
+        self, pid: int, image_dir: Path, prefix: Sequence[str] = (), stream: bool = False
+    ) -> None:
         """``prefix`` runs CRIU as the dumped processes' uid, with the capabilities it
-        names (kernelhib-criud's dumps): CRIU is told it is not root."""
+        names (kernelhib-criud's dumps): CRIU is told it is not root. ``stream``: the
+        image goes to the streamer listening in ``image_dir``."""
         unprivileged = ["--unprivileged"] if prefix else []
-        self._run("dump", image_dir, _DUMP, ["-t", str(pid), *unprivileged], prefix)
+        streamed = ["--stream"] if stream else []
+        self._run("dump", image_dir, _DUMP, ["-t", str(pid), *unprivileged, *streamed], prefix)
 
-    def restore(self, image_dir: Path) -> int:
+    def restore(self, image_dir: Path, stream: bool = False) -> int:
         pidfile = image_dir / _PIDFILE
-        self._run("restore", image_dir, _RESTORE, ["--restore-detached", "--pidfile", str(pidfile)])
+        extra = ["--restore-detached", "--pidfile", str(pidfile)]
+        self._run("restore", image_dir, _RESTORE, extra + (["--stream"] if stream else []))
         return int(pidfile.read_text())
 
 
@@ -209,8 +227,16 @@ class CriuEngine(Engine):
             self._driver = _RpcDriver(binary, pycriu) if pycriu else _CliDriver(binary)
         return self._driver
 
-    async def dump(self, pid: int, image_dir: Path) -> None:
-        """Write the image of ``pid``'s tree into ``image_dir``; leave the tree stopped.
+    @property
+    def _stream_driver(self) -> _CliDriver:
+        """The command line: CRIU 4.2's RPC has no ``--stream``."""
+        driver = self.driver
+        return driver if isinstance(driver, _CliDriver) else _CliDriver(driver.binary)
+
+    async def dump(self, pid: int, image_dir: Path, sink: ImageSink | None = None) -> None:
+        """Write the image of ``pid``'s tree into ``image_dir``, or through the streamer
+        into ``sink`` (not with the service: its images stay plain files); leave the
+        tree stopped.
 
         One dump at a time: CRIU mounts a proc for the kernel's pid namespace at
         ``proc.crtools`` in the kernel's working directory, so two kernels
@@ -225,7 +251,15 @@ class CriuEngine(Engine):
         async with self._dump_lock:
             with contextlib.suppress(OSError):
                 (Path(f"/proc/{pid}/cwd") / _PROC_MOUNT).rmdir()
-            await asyncio.to_thread(self.driver.dump, pid, image_dir)
+            if sink is None:
+                await asyncio.to_thread(self.driver.dump, pid, image_dir)
+                return
+            driver = self._stream_driver
+            await asyncio.to_thread(
+                _streaming,
+                Streamer(image_dir, sink=sink),
+                lambda: driver.dump(pid, image_dir, stream=True),
+            )
 
     @staticmethod
     def is_bulk(name: str) -> bool:
@@ -244,13 +278,15 @@ class CriuEngine(Engine):
         memory = tree_memory(pid) + gpu_memory(pid)
         return memory * 2 if self.keep_dill_snapshot else memory
 
-    async def write(self, kernel: Kernel, staging: Path) -> dict[str, Any]:
-        """Dump the kernel into ``staging``, leaving it stopped (and a dill snapshot
-        beside, if asked and the kernel is between cells)."""
+    async def write(
+        self, kernel: Kernel, staging: Path, sink: ImageSink | None = None
+    ) -> dict[str, Any]:
+        """Dump the kernel into ``staging``, or streamed into ``sink``, leaving it stopped
+        (and a dill snapshot beside, if asked and the kernel is between cells)."""
         if self.dill and self.keep_dill_snapshot and not kernel.busy:
             # Its losses matter only if a wake ever falls back to it.
             await self.dill.save(kernel, staging / DILL_SNAPSHOT)
-        return {"freed_bytes": await kernel.checkpoint(self, staging)}
+        return {"freed_bytes": await kernel.checkpoint(self, staging, sink)}
 
     async def wake(self, kernel: Kernel, image: StoredImage) -> Woken:
         """Restore the kernel from the image's signed files, or from its dill snapshot
@@ -269,9 +305,10 @@ class CriuEngine(Engine):
     async def _restore(self, kernel: Kernel, directory: Path, image: StoredImage) -> None:
         """Restore the kernel while its memory pages are checked; run it once they pass.
 
-        Both read the same files, so the disk reads them once.
+        Both read the same files, so the disk reads them once. A streamed image's
+        chunks are each verified before CRIU gets them.
         """
-        await kernel.restore(self, directory)
+        await kernel.restore(self, directory, image.streamed(directory))
         try:
             await image.verified()
             kernel.resume()
@@ -280,18 +317,26 @@ class CriuEngine(Engine):
             await kernel.end()
             raise
 
-    async def restore(self, image_dir: Path) -> int:
-        """Restore the tree from ``image_dir`` as our child, stopped; return its host pid.
+    async def restore(self, image_dir: Path, source: ImageSource | None = None) -> int:
+        """Restore the tree from ``image_dir``, or streamed from ``source``, as our child,
+        stopped; return its host pid.
 
-        CRIU reads any image file it knows the name of from ``image_dir``, and
-        writes its log and pidfile there: give it a fresh directory holding only
-        the image's signed files (``ImageStore.restore_dir``). Nothing of the
-        kernel runs until the caller continues it (SIGCONT).
+        CRIU reads any image file it knows the name of from ``image_dir`` (or asks
+        ``source`` for it), and writes its log and pidfile there: give it a fresh
+        directory holding only the image's signed files (``ImageStore.restore_dir``).
+        Nothing of the kernel runs until the caller continues it (SIGCONT).
         """
         if self.service:
             answer = await acall(self.service, "restore", image=_service_image(image_dir))
             return int(answer["pid"])
-        return await asyncio.to_thread(self.driver.restore, image_dir)
+        if source is None:
+            return await asyncio.to_thread(self.driver.restore, image_dir)
+        driver = self._stream_driver
+        return await asyncio.to_thread(
+            _streaming,
+            Streamer(image_dir, source=source),
+            lambda: driver.restore(image_dir, stream=True),
+        )
 
     def release(self, image_dir: Path) -> None:
         """Have the service delete the image that ``image_dir`` names, if any: its
@@ -299,6 +344,17 @@ class CriuEngine(Engine):
         if self.service and (image_dir / SERVICE_IMAGE).is_file():
             with contextlib.suppress(ServiceError, OSError, ValueError, KeyError):
                 call(self.service, "discard", image=_service_image(image_dir))
+
+
+def _streaming(streamer: Streamer, run: Callable[[], _T]) -> _T:
+    """Run CRIU with ``streamer`` serving it. When both fail, the streamer's error is
+    the reason (CRIU only saw its pipe close): it is the one raised. Blocking."""
+    with streamer:
+        try:
+            return run()
+        except EngineError as exc:
+            failure = exc
+    raise failure
 
 
 def _service_image(image_dir: Path) -> str:

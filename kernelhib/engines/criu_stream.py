@@ -134,7 +134,14 @@ class Streamer:
 
     def __enter__(self) -> Streamer:
         self.path.unlink(missing_ok=True)
-        self._listener.bind(str(self.path))
+        # Through the directory's fd: a socket's path is at most 107 bytes, and an
+        # image directory's may be longer (CRIU is run in it, and finds the socket at
+        # ./streamer-*.sock).
+        directory = os.open(self.path.parent, os.O_PATH | os.O_DIRECTORY)
+        try:
+            self._listener.bind(f"/proc/self/fd/{directory}/{self.path.name}")
+        finally:
+            os.close(directory)
         os.chmod(self.path, 0o600)
         self._listener.listen(1)
         self._listener.settimeout(0.1)

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..kernel_process import gpu_memory, tree_memory
 from .base import Availability, Engine, EngineError, Kernel, StoredImage, Woken
+from .criu_stream import ImageSink
 
 _SNAPSHOT_SOURCE = Path(__file__).with_name("dill_snapshot.py")
 
@@ -79,7 +80,11 @@ class DillEngine(Engine):
         not saved), plus the GPU memory it copies out."""
         return tree_memory(pid) + gpu_memory(pid)
 
-    async def write(self, kernel: Kernel, staging: Path) -> dict[str, Any]:
+    async def write(
+        self, kernel: Kernel, staging: Path, sink: ImageSink | None = None
+    ) -> dict[str, Any]:
+        """Snapshot the kernel into ``staging``: pickles, each checked before it is
+        loaded, never streamed (``sink`` is not used)."""
         meta: dict[str, Any] = {"freed_bytes": 0}
         if pid := kernel.pid:
             # Measured while the kernel still runs: it ends after the commit.

@@ -1,0 +1,433 @@
+"""Lazy CRIU wake with real CRIU: a process dumped, then restored with its memory
+served page by page through kernelhib's verifying page server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kernelhib.engines.criu import CriuEngine
+from kernelhib.engines.lazy_pages import (
+    PAGE_SIZE,
+    PE_LAZY,
+    PE_PRESENT,
+    BlockHashedPages,
+    LazyPageError,
+    LazyPageServer,
+    Pagemap,
+    PagemapEntry,
+    PageSource,
+    coalesce,
+    encode_pagemap,
+    lazy_pages_unavailable,
+    parse_pagemap,
+    restore_small_runs_eagerly,
+    write_eager_pages,
+)
+from kernelhib.kernel_process import namespace_init
+
+from .conftest import REQUIRE_CRIU
+
+# A process holding random data; it hashes parts of it when a file asks it to.
+HOLDER = r"""
+import hashlib, json, mmap, os, sys, time
+work, mib = sys.argv[1], int(sys.argv[2])
+data = os.urandom(mib << 20)
+shared = mmap.mmap(-1, 1 << 20)  # MAP_SHARED: CRIU restores it eagerly, from files
+shared.write(os.urandom(1 << 20))
+block = 256 << 10
+ranges = {"early": (0, 64 << 10), "late": (len(data) - block, len(data)), "all": (0, len(data))}
+names = [*ranges, "shared"]
+def digest(name):
+    view = shared if name == "shared" else memoryview(data)[slice(*ranges[name])]
+    return hashlib.sha256(view).hexdigest()
+facts = {name: digest(name) for name in names}
+facts["late_marker"] = data[-block:][:64].hex()
+with open(os.path.join(work, "expected.json"), "w") as f:
+    json.dump(facts, f)
+os.rename(os.path.join(work, "expected.json"), os.path.join(work, "ready.json"))
+while True:
+    for name in names:
+        ask = os.path.join(work, name)
+        if os.path.exists(ask):
+            os.unlink(ask)
+            with open(ask + ".tmp", "w") as f:
+                f.write(digest(name))
+            os.rename(ask + ".tmp", ask + ".out")
+    time.sleep(0.002)
+"""
+
+
+@pytest.fixture(scope="module")
+def lazy_criu(criu_path: str) -> str:
+    """CRIU, where it can restore lazily here."""
+    reason = lazy_pages_unavailable(criu_path)
+    if reason:
+        if REQUIRE_CRIU:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return criu_path
+
+
+@dataclass
+class DumpedHolder:
+    """A dumped holder: its restore directory (no pages files) and its pages, kept
+    apart with their block hashes as a store would keep them."""
+
+    work: Path
+    restore_dir: Path
+    store: Path
+    expected: dict[str, str]
+    hashes: dict[str, list[bytes]]
+
+    def open_pages(self, name: str) -> BlockHashedPages:
+        return BlockHashedPages(self.store / name, self.hashes[name])
+
+
+async def dump_holder(criu_path: str, tmp_path: Path, mib: int) -> DumpedHolder:
+    work, image = tmp_path / "work", tmp_path / "image"
+    work.mkdir()
+    image.mkdir()
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "setsid",
+         sys.executable, "-c", HOLDER, str(work), str(mib)],
+        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        pid = await namespace_init(unshare.pid, unshare.poll)
+        deadline = time.monotonic() + 60
+        while not (work / "ready.json").exists():
+            assert time.monotonic() < deadline, "the holder never got ready"
+            await asyncio.sleep(0.05)
+        await CriuEngine(criu_path).dump(pid, image)
+    finally:
+        unshare.kill()  # --kill-child: the dumped, stopped tree dies with it
+        unshare.wait()
+    store = tmp_path / "store"
+    store.mkdir()
+    hashes = {}
+    for pages in image.glob("pages-*.img"):
+        hashes[pages.name] = BlockHashedPages.hash_blocks(pages)
+        pages.rename(store / pages.name)
+    expected = json.loads((work / "ready.json").read_text())
+    return DumpedHolder(work, image, store, expected, hashes)
+
+
+@dataclass
+class Restored:
+    pid: int
+    server: LazyPageServer
+
+    def alive(self) -> bool:
+        return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+
+
+@contextlib.asynccontextmanager
+async def lazy_restore(
+    criu_path: str,
+    holder: DumpedHolder,
+    open_pages: Callable[[str], PageSource],
+    *extra: str,
+) -> AsyncIterator[Restored]:
+    async with LazyPageServer(criu_path, holder.restore_dir, open_pages) as server:
+        pidfile = holder.restore_dir / "restored.pid"
+        restore = await asyncio.create_subprocess_exec(
+            criu_path, "restore", "-D", str(holder.restore_dir), "-o", "restore.log", "-v2",
+            "--tcp-close", "--shell-job", "--ext-unix-sk", "--file-locks",
+            "--restore-detached", "--restore-sibling", "--pidfile", str(pidfile),
+            *server.restore_args, *extra,
+        )  # fmt: skip
+        assert await restore.wait() == 0, (holder.restore_dir / "restore.log").read_text()[-3000:]
+        pid = int(pidfile.read_text())
+        await server.adopt(pid)
+        try:
+            yield Restored(pid, server)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+async def ask(holder: DumpedHolder, name: str, timeout: float = 60) -> str:
+    """Have the restored holder hash part of its data; its answer."""
+    (holder.work / name).touch()
+    answer = holder.work / f"{name}.out"
+    deadline = time.monotonic() + timeout
+    while not answer.exists():
+        assert time.monotonic() < deadline, f"the holder did not answer {name!r}"
+        await asyncio.sleep(0.005)
+    return answer.read_text()
+
+
+def test_pagemap_decodes_entries_and_their_offsets_in_the_pages_file() -> None:
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        return bytes(out) + bytes([value])
+
+    def message(*fields: tuple[int, int]) -> bytes:
+        body = b"".join(varint(number << 3) + varint(value) for number, value in fields)
+        return struct.pack("<I", len(body)) + body
+
+    data = struct.pack("<II", 0x54564319, 0x56084025) + message((1, 7))
+    data += message((1, 0x7F0000000000), (2, 3), (4, PE_PRESENT | PE_LAZY))
+    data += message((1, 0x7F0000010000), (2, 0), (4, PE_PRESENT), (5, 2))
+    pagemap = parse_pagemap(data)
+    assert pagemap.pages_name == "pages-7.img"
+    assert [(e.vaddr, e.nr_pages, e.offset) for e in pagemap.entries] == [
+        (0x7F0000000000, 3, 0),
+        (0x7F0000010000, 2, 3 * PAGE_SIZE),
+    ]
+    # A request running past its entry gets what that entry holds; the daemon asks again.
+    assert pagemap.locate(0x7F0000000000 + PAGE_SIZE, 8) == (PAGE_SIZE, 2)
+    with pytest.raises(LazyPageError, match="no present page"):
+        pagemap.locate(0x7F0000005000, 1)
+
+
+def test_coalesced_pagemap_merges_only_adjacent_runs_of_equal_flags() -> None:
+    lazy = PE_PRESENT | PE_LAZY
+    entries = [(0x10000, 2, lazy), (0x12000, 3, lazy), (0x15000, 1, PE_PRESENT), (0x20000, 1, lazy)]
+    offsets = [0, 2, 5, 6]
+    pagemap = Pagemap(
+        "pages-3.img",
+        tuple(
+            PagemapEntry(vaddr, n, flags, offset * PAGE_SIZE)
+            for (vaddr, n, flags), offset in zip(entries, offsets, strict=True)
+        ),
+    )
+    merged = parse_pagemap(encode_pagemap(coalesce(pagemap), 3))
+    assert merged.pages_name == "pages-3.img"
+    assert [(e.vaddr, e.nr_pages, e.flags, e.offset // PAGE_SIZE) for e in merged.entries] == [
+        (0x10000, 5, lazy, 0),
+        (0x15000, 1, PE_PRESENT, 5),
+        (0x20000, 1, lazy, 6),
+    ]
+
+
+class RecordingPages:
+    """Bytes that say where they came from; records what was read."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return bytes([offset // PAGE_SIZE + 1]) * length
+
+
+def test_eager_pages_are_written_and_lazy_runs_left_as_holes(tmp_path: Path) -> None:
+    lazy = PE_PRESENT | PE_LAZY
+    entries = (
+        PagemapEntry(0x10000, 2, lazy, 0),
+        PagemapEntry(0x20000, 1, PE_PRESENT, 2 * PAGE_SIZE),
+    )
+    (tmp_path / "pagemap-1.img").write_bytes(encode_pagemap(Pagemap("pages-4.img", entries), 4))
+    source = RecordingPages()
+    assert write_eager_pages(tmp_path, lambda name: source) == PAGE_SIZE
+    assert source.reads == [(2 * PAGE_SIZE, PAGE_SIZE)]
+    written = (tmp_path / "pages-4.img").read_bytes()
+    assert written == bytes(2 * PAGE_SIZE) + bytes([3]) * PAGE_SIZE
+
+
+def test_eager_pages_refuse_to_write_into_an_existing_pages_file(tmp_path: Path) -> None:
+    entries = (PagemapEntry(0x10000, 1, PE_PRESENT, 0),)
+    (tmp_path / "pagemap-1.img").write_bytes(encode_pagemap(Pagemap("pages-1.img", entries), 1))
+    stored = tmp_path / "pages-1.img"
+    stored.write_bytes(b"x" * PAGE_SIZE)  # say, a hard link to the stored image
+    with pytest.raises(LazyPageError, match="without pages-"):
+        write_eager_pages(tmp_path, lambda name: RecordingPages())
+    assert stored.read_bytes() == b"x" * PAGE_SIZE
+
+
+def test_block_hashed_pages_names_the_block_that_fails(tmp_path: Path) -> None:
+    path = tmp_path / "pages-1.img"
+    path.write_bytes(os.urandom(3 * BlockHashedPages.BLOCK))
+    source = BlockHashedPages(path, BlockHashedPages.hash_blocks(path))
+    whole = path.read_bytes()
+    assert source.read(BlockHashedPages.BLOCK - 10, 20) == whole[BlockHashedPages.BLOCK - 10 :][:20]
+    with path.open("r+b") as file:
+        file.seek(2 * BlockHashedPages.BLOCK + 5)
+        file.write(b"\0")
+    assert source.read(0, 100) == whole[:100]
+    with pytest.raises(LazyPageError, match=r"block 2 of pages-1\.img"):
+        source.read(2 * BlockHashedPages.BLOCK - 1, 2)
+    source.close()
+
+
+def test_the_smallest_lazy_runs_up_to_the_budget_are_made_eager() -> None:
+    lazy = PE_PRESENT | PE_LAZY
+    sizes = [(0x10000, 8), (0x30000, 1), (0x50000, 2), (0x70000, 4)]
+    pagemap = Pagemap("pages-1.img", tuple(PagemapEntry(v, n, lazy, 0) for v, n in sizes))
+    chosen = restore_small_runs_eagerly(pagemap, budget=3 * PAGE_SIZE)
+    assert [e.flags for e in chosen.entries] == [lazy, PE_PRESENT, PE_PRESENT, lazy]
+    assert restore_small_runs_eagerly(pagemap, budget=0) == pagemap
+
+
+@pytest.mark.criu
+async def test_lazily_restored_process_has_all_its_data(lazy_criu: str, tmp_path: Path) -> None:
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+    async with lazy_restore(lazy_criu, holder, holder.open_pages) as process:
+        assert await ask(holder, "early") == holder.expected["early"]
+        stats = await process.server.wait()
+        assert await ask(holder, "all") == holder.expected["all"]
+        assert await ask(holder, "shared") == holder.expected["shared"]
+        # Its data came through the server, not from a file in the restore directory.
+        assert stats.drained is not None and stats.bytes_sent >= 64 << 20
+
+
+def flip_byte(path: Path, at: int) -> int:
+    """Corrupt one byte of a stored pages file; the index of its block."""
+    with path.open("r+b") as file:
+        file.seek(at)
+        byte = file.read(1)
+        file.seek(at)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    return at // BlockHashedPages.BLOCK
+
+
+def corrupt_late_block(holder: DumpedHolder) -> tuple[str, int]:
+    """Flip a byte in the pages-file block that holds the holder's last data."""
+    marker = bytes.fromhex(holder.expected["late_marker"])
+    for pages in holder.store.glob("pages-*.img"):
+        at = pages.read_bytes().find(marker)
+        if at >= 0:
+            return pages.name, flip_byte(pages, at + 100)
+    raise AssertionError("the holder's data is in no pages file")
+
+
+@pytest.mark.criu
+async def test_a_late_corrupt_block_ends_the_process_and_is_named(
+    lazy_criu: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+    name, block = corrupt_late_block(holder)
+    async with lazy_restore(lazy_criu, holder, holder.open_pages) as process:
+        # It runs, and what it reads first is intact.
+        assert await ask(holder, "early") == holder.expected["early"]
+        with pytest.raises(LazyPageError, match=re.escape(f"block {block} of {name}")):
+            await process.server.wait()
+        # Killed before the daemon let go of its memory: it never read zeros.
+        assert not process.alive()
+        assert not (holder.work / "late.out").exists()
+        assert not (holder.work / "all.out").exists()
+
+
+class SlowPages:
+    """Verified pages read slowly, so that the drain is still running when the test
+    acts; records whether the server closed it."""
+
+    def __init__(self, source: BlockHashedPages, delay: float) -> None:
+        self.source = source
+        self.delay = delay
+        self.closed = False
+
+    def read(self, offset: int, length: int) -> bytes:
+        time.sleep(self.delay)
+        return self.source.read(offset, length)
+
+    def close(self) -> None:
+        self.source.close()
+        self.closed = True
+
+
+def open_fds_to(directory: Path) -> list[str]:
+    links = (os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink())
+    return [link for link in links if link.startswith(str(directory))]
+
+
+@pytest.mark.criu
+async def test_killing_the_process_mid_drain_releases_the_server(
+    lazy_criu: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+    opened: list[SlowPages] = []
+
+    def open_slowly(name: str) -> SlowPages:
+        opened.append(SlowPages(holder.open_pages(name), delay=0.05))
+        return opened[-1]
+
+    async with lazy_restore(lazy_criu, holder, open_slowly) as process:
+        assert await ask(holder, "early") == holder.expected["early"]
+        os.kill(process.pid, signal.SIGKILL)
+        # The daemon sees its task gone and lets go: the wait ends either way.
+        with contextlib.suppress(LazyPageError):
+            stats = await asyncio.wait_for(process.server.wait(), 20)
+            assert stats.bytes_sent < 64 << 20  # it did stop mid-drain
+        daemon = process.server._daemon
+        await process.server.close()
+        assert daemon is not None and daemon.returncode is not None
+        assert opened and all(source.closed for source in opened)
+        assert open_fds_to(holder.store) == []
+        assert not [t for t in threading.enumerate() if t.name.startswith("lazy-pages")]
+
+
+@pytest.mark.criu
+async def test_closing_the_wake_mid_drain_kills_the_process_first(
+    lazy_criu: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+
+    def open_slowly(name: str) -> SlowPages:
+        return SlowPages(holder.open_pages(name), delay=0.05)
+
+    async with lazy_restore(lazy_criu, holder, open_slowly) as process:
+        assert await ask(holder, "early") == holder.expected["early"]
+        await process.server.close()
+        # Dead, not left running on zeros where its memory was not yet back.
+        assert not process.alive()
+        with pytest.raises(LazyPageError, match="closed before all memory was in"):
+            await process.server.wait()
+        assert not (holder.work / "all.out").exists()
+
+
+@pytest.mark.criu
+async def test_an_eagerly_restored_page_that_fails_stops_the_wake_before_it_starts(
+    lazy_criu: str, tmp_path: Path
+) -> None:
+    holder = await dump_holder(lazy_criu, tmp_path, 8)
+    pagemap = next(holder.restore_dir.glob("pagemap-[0-9]*.img"))
+    entries = parse_pagemap(pagemap.read_bytes()).entries
+    eager = next(e for e in entries if e.flags & PE_PRESENT and not e.flags & PE_LAZY)
+    name = parse_pagemap(pagemap.read_bytes()).pages_name
+    block = flip_byte(holder.store / name, eager.offset)
+    server = LazyPageServer(lazy_criu, holder.restore_dir, holder.open_pages)
+    with pytest.raises(LazyPageError, match=re.escape(f"block {block} of {name}")):
+        await server.start()
+    assert server._daemon is None  # the daemon was never started
+    assert open_fds_to(holder.store) == []
+
+
+@pytest.mark.criu
+async def test_the_fetch_fills_a_kernel_restored_stopped(lazy_criu: str, tmp_path: Path) -> None:
+    """The engine restores with --leave-stopped and continues the kernel later."""
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+    async with lazy_restore(lazy_criu, holder, holder.open_pages, "--leave-stopped") as process:
+        stats = await asyncio.wait_for(process.server.wait(), 60)
+        assert stats.bytes_sent >= 64 << 20
+        assert not (holder.work / "early.out").exists()  # it has not run yet
+        os.kill(process.pid, signal.SIGCONT)
+        assert await ask(holder, "all") == holder.expected["all"]
+
+
+def test_a_criu_that_cannot_restore_lazily_is_reported_with_the_reason(tmp_path: Path) -> None:
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho 'UFFD is not supported' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    assert "UFFD is not supported" in (lazy_pages_unavailable(fake) or "")
+    assert "could not run" in (lazy_pages_unavailable(tmp_path / "missing") or "")
