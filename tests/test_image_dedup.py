@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import image_path
+from .conftest import image_path, wait_for_state
 from .test_server_restart import listed, start_session
 
 pytestmark = pytest.mark.criu
@@ -113,6 +113,7 @@ async def test_a_woken_kernels_chunks_stay_until_it_hibernates_again_or_goes(
     await api("POST", "kernels", kernel_id, "wake")
     # Another kernel's shutdown collects garbage: the woken kernel's chunks are not.
     other, _ = await start_kernel()
+    await wait_for_state(api, other, "idle")  # not still answering its first requests
     await api("POST", "kernels", other, "hibernate")
     await api("DELETE", "kernels", other, expect=204)
     assert woken_from <= stored(root)
