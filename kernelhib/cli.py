@@ -25,7 +25,9 @@ from kernelhib.doctor import (
     as_json,
     describe_setting,
     diagnose,
+    format_gpu_table,
     format_table,
+    gpu_requirements,
     render_table,
     server_criu_path,
 )
@@ -141,6 +143,17 @@ def _parser() -> argparse.ArgumentParser:
     wake = commands.add_parser("wake", parents=[server], help="wake hibernated kernels")
     wake.add_argument("kernel_ids", nargs="+", metavar="KERNEL_ID")
     wake.set_defaults(run=_wake)
+
+    recompute = commands.add_parser(
+        "recompute",
+        parents=[server],
+        help="run the cells that re-create the variables a dill wake lost",
+    )
+    recompute.add_argument("kernel_ids", nargs="+", metavar="KERNEL_ID")
+    recompute.add_argument(
+        "--dry-run", action="store_true", help="only list each lost name and its cells"
+    )
+    recompute.set_defaults(run=_recompute)
     return parser
 
 
@@ -158,11 +171,14 @@ def _install_criu(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     setting = Setting(args.criu_path, "--criu-path") if args.criu_path else server_criu_path()
-    reports = diagnose(setting.value)
+    gpu = gpu_requirements()
+    reports = diagnose(setting.value, gpu)
     if args.json:
-        print(json.dumps(as_json(setting, reports), indent=2))
+        print(json.dumps(as_json(setting, reports, gpu), indent=2))
     else:
         print(f"{describe_setting(setting)}\n\n{format_table(reports)}")
+        if gpu is not None:
+            print(f"\n{format_gpu_table(gpu)}")
     return 0 if any(report.ok for _, report in reports) else 1
 
 
@@ -321,7 +337,82 @@ def _wake(args: argparse.Namespace) -> int:
 
 def _woken_text(outcome: Outcome) -> str:
     state = (outcome.kernel or {}).get("execution_state", "starting")
-    return f"Woke kernel {outcome.kernel_id}; it is {state}"
+    plan = ((outcome.kernel or {}).get("hibernation") or {}).get("recompute") or {}
+    back = [f"  recomputed {', '.join(plan['recomputed'])}"] if plan.get("recomputed") else []
+    head = f"Woke kernel {outcome.kernel_id}; it is {state}"
+    return "\n".join([head, *back, *_offer(outcome)])
+
+
+def _recompute(args: argparse.Namespace) -> int:
+    server = server_client.find_server(args.url, args.token)
+
+    def recompute(kernel_id: str) -> Outcome:
+        try:
+            if args.dry_run:
+                return Outcome(kernel_id, server_client.get_kernel(server, kernel_id))
+            return Outcome(kernel_id, server_client.recompute(server, kernel_id))
+        except server_client.ServerError as exc:
+            if exc.reason != Reason.NOTHING_TO_RECOMPUTE:
+                return Outcome(kernel_id, error=exc)
+            return Outcome(kernel_id, server_client.get_kernel(server, kernel_id), already=True)
+
+    outcomes = [
+        _waiting(server, kernel_id, "recomputing", args, lambda k=kernel_id: recompute(k))
+        for kernel_id in args.kernel_ids
+    ]
+    return _report(args, outcomes, lambda outcome: _recomputed_text(outcome, args.dry_run))
+
+
+def _recomputed_text(outcome: Outcome, dry_run: bool) -> str:
+    plan = ((outcome.kernel or {}).get("hibernation") or {}).get("recompute") or {}
+    if dry_run:
+        head = (
+            f"Kernel {outcome.kernel_id}:" if plan else f"Kernel {outcome.kernel_id} lost nothing"
+        )
+    elif outcome.already:
+        head = f"Kernel {outcome.kernel_id}: nothing to recompute"
+    else:
+        head = f"Recomputed in kernel {outcome.kernel_id}: {', '.join(plan['recomputed'])}"
+    return "\n".join([head, *_offer(outcome, hint=dry_run)])
+
+
+def _offer(outcome: Outcome, hint: bool = True) -> list[str]:
+    """Each lost name with the cells that re-create it and when they last ran, or why
+    they may not run; and the command that runs them."""
+    plan = ((outcome.kernel or {}).get("hibernation") or {}).get("recompute") or {}
+    cells = {cell["number"]: cell for cell in plan.get("cells", [])}
+    lines = []
+    for entry in plan.get("names", []):
+        text = f"  lost {entry['name']}: cells " if entry["cells"] else f"  lost {entry['name']}"
+        text += ", ".join(_cell_text(cells[n]) for n in entry["cells"])
+        if "refused" in entry:
+            text += f"; not recomputed: {entry['refused']}"
+        lines.append(text)
+    notebook = plan.get("notebook") or {}
+    if notebook.get("changed"):
+        lines.append(
+            f"  {notebook['path']} changed since the kernel hibernated: the cells run as they "
+            "ran then, recorded in the image"
+        )
+    if plan.get("failed"):
+        failed = plan["failed"]
+        lines.append(f"  cell [{failed['cell']}] failed: {failed['error']}")
+    if hint and plan.get("run"):
+        cells_text = ", ".join(f"[{n}]" for n in plan["run"])
+        lines.append(f"  Run `kernelhib recompute {outcome.kernel_id}` to run cells {cells_text}.")
+    return lines
+
+
+def _cell_text(cell: dict[str, Any]) -> str:
+    """``[3] (notebook cell 2, last run 13:52:01)``."""
+    facts = []
+    if cell.get("notebook_cell") is not None:
+        facts.append(f"notebook cell {cell['notebook_cell'] + 1}")
+    if cell.get("last_run"):
+        facts.append(
+            f"last run {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(cell['last_run']))}"
+        )
+    return f"[{cell['number']}]" + (f" ({', '.join(facts)})" if facts else "")
 
 
 def _report(

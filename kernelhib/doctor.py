@@ -28,6 +28,7 @@ from .app import KernelHibernatorApp
 from .engines.base import Availability, Engine
 from .engines.criu import CriuEngine
 from .engines.criu_install import locate_criu, version_text
+from .engines.cuda import GpuCheckpoint, check
 from .engines.dill import DillEngine
 from .hibernator import KernelHibernator
 
@@ -124,22 +125,36 @@ def _command_line(pid: int) -> list[str]:
     return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")]
 
 
-def diagnose(criu_path: str = "") -> list[tuple[str, Availability]]:
-    """Each engine's name and whether it works here; ``criu_path`` is the configured CRIU."""
+def gpu_requirements() -> GpuCheckpoint | None:
+    """On a host with NVIDIA GPUs, what CRIU needs to checkpoint CUDA kernels; else None."""
+    return check() if provisioner.NVIDIA_CONTROL_DEVICE.exists() else None
+
+
+def diagnose(
+    criu_path: str = "", gpu: GpuCheckpoint | None = None
+) -> list[tuple[str, Availability]]:
+    """Each engine's name and whether it works here; ``criu_path`` is the configured CRIU,
+    ``gpu`` :func:`gpu_requirements`'s answer."""
     engines: list[Engine] = [CriuEngine(criu_path), DillEngine()]
     reports = [(engine.name, engine.availability()) for engine in engines]
     return [
-        (name, _on_gpu_host(report) if name == CriuEngine.name else report)
+        (name, _on_gpu_host(report, gpu) if name == CriuEngine.name else report)
         for name, report in reports
     ]
 
 
-def _on_gpu_host(report: Availability) -> Availability:
-    """A working CRIU still hibernates no kernel of a GPU host by default: say so."""
-    if not (report.ok and provisioner.NVIDIA_CONTROL_DEVICE.exists()):
+def _on_gpu_host(report: Availability, gpu: GpuCheckpoint | None) -> Availability:
+    """Whether a working CRIU hibernates the kernels of this GPU host: say so."""
+    if not report.ok or gpu is None:
         return report
-    detail = f"{report.detail}; but {provisioner.ON_GPU_HOST}, and are hibernated with dill"
-    return replace(report, detail=detail, remedy=provisioner.IF_NO_CUDA)
+    if gpu.ok:
+        return replace(report, detail=f"{report.detail}; {provisioner.SAME_PIDS}")
+    detail = (
+        f"{report.detail}; but {provisioner.ON_GPU_HOST}, and CRIU cannot checkpoint CUDA "
+        "here (see GPU KERNELS), so they are hibernated with dill"
+    )
+    remedy = f"meet the GPU requirements below; or {provisioner.IF_NO_CUDA}"
+    return replace(report, detail=detail, remedy=remedy)
 
 
 def describe_setting(setting: Setting) -> str:
@@ -155,10 +170,16 @@ def describe_setting(setting: Setting) -> str:
     return "\n".join([text, *(f"Warning: {problem}" for problem in setting.problems)])
 
 
-def as_json(setting: Setting, reports: Sequence[tuple[str, Availability]]) -> dict[str, Any]:
-    """``kernelhib doctor --json``: the setting, the CRIU it selects, and each engine's report.
+def as_json(
+    setting: Setting,
+    reports: Sequence[tuple[str, Availability]],
+    gpu: GpuCheckpoint | None = None,
+) -> dict[str, Any]:
+    """``kernelhib doctor --json``: the setting, the CRIU it selects, each engine's report,
+    and on a GPU host what CRIU needs for CUDA kernels.
 
-    ``criu`` is null unless the CRIU engine works; ``source`` is null when unset.
+    ``criu`` is null unless the CRIU engine works; ``source`` is null when unset;
+    ``gpu`` is null on a host without NVIDIA GPUs.
     """
     criu = None
     if dict(reports)[CriuEngine.name].ok:
@@ -168,6 +189,7 @@ def as_json(setting: Setting, reports: Sequence[tuple[str, Availability]]) -> di
         "criu_path": asdict(setting) | {"source": setting.source or None},
         "criu": criu,
         "engines": [{"name": name, **asdict(report)} for name, report in reports],
+        "gpu": None if gpu is None else {"ok": gpu.ok, **asdict(gpu)},
     }
 
 
@@ -178,6 +200,16 @@ def format_table(reports: Sequence[tuple[str, Availability]]) -> str:
         for name, report in reports
     ]
     return render_table(["ENGINE", "STATUS", "DETAILS", "WHAT TO DO"], rows, wrap={2: 60, 3: 40})
+
+
+def format_gpu_table(gpu: GpuCheckpoint) -> str:
+    """Each requirement for CRIU to checkpoint CUDA kernels, as ``kernelhib doctor`` prints it."""
+    rows = [
+        [need.name, "yes" if need.ok else "no", need.detail, need.remedy]
+        for need in gpu.requirements
+    ]
+    headers = ["GPU KERNELS: CRIU NEEDS", "MET", "DETAILS", "WHAT TO DO"]
+    return render_table(headers, rows, wrap={2: 60, 3: 40})
 
 
 def render_table(

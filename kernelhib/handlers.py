@@ -1,7 +1,7 @@
 """REST endpoints: translate HTTP to hibernator calls, nothing more.
 
-``POST /api/kernels/{id}/hibernate`` and ``POST /api/kernels/{id}/wake``, with
-the kernels API's own authorization.
+``POST /api/kernels/{id}/hibernate``, ``POST /api/kernels/{id}/wake`` and
+``POST /api/kernels/{id}/recompute``, with the kernels API's own authorization.
 """
 
 from __future__ import annotations
@@ -94,7 +94,22 @@ class WakeHandler(_HibernationHandler):
         self._reply(kernel_id)
 
 
+class RecomputeHandler(_HibernationHandler):
+    """Run the cells that re-create what the last dill wake lost (``recompute = offer``)."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, kernel_id: str) -> None:
+        self._body()
+        try:
+            await self.hibernator.recompute_lost(kernel_id)
+        except HibernationError as exc:
+            raise self._fail(exc) from exc
+        self._reply(kernel_id)
+
+
 handlers = [
     (rf"/api/kernels/{_kernel_id_regex}/hibernate", HibernateHandler),
     (rf"/api/kernels/{_kernel_id_regex}/wake", WakeHandler),
+    (rf"/api/kernels/{_kernel_id_regex}/recompute", RecomputeHandler),
 ]

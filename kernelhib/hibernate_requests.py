@@ -13,6 +13,7 @@ The comm's data may name the ``engine`` and ``force``, as the REST request does.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from jupyter_client.manager import KernelManager
@@ -56,6 +57,10 @@ class HibernateRequests:
         msg_type = msg["header"]["msg_type"]
         if self._settling is not None:
             self._settle()  # not quiet yet
+        if msg_type == "execute_input":  # when each cell ran, for recompute plans
+            count = self._session.unpack(msg["content"]).get("execution_count")
+            if isinstance(count, int):
+                self.hibernator.recomputer.cell_ran(self.kernel_id, count, time.time())
         if msg_type not in ("comm_open", "status"):
             return
         content = self._session.unpack(msg["content"])

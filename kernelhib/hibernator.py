@@ -40,9 +40,11 @@ from .engines.dill import DillEngine
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
 from .journal import server_id
-from .kernel_process import process_start
+from .kernel_process import gpu_memory, process_start
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
+from .recomputer import MODES as RECOMPUTE_MODES
+from .recomputer import Recomputer
 from .recovery import boot_ticks, recover
 
 EVENT_SCHEMA_ID = "https://kernelhib.org/events/hibernation/v1"
@@ -75,6 +77,9 @@ class Reason(str, Enum):
     SHUTTING_DOWN = "shutting-down"
     RESTARTING = "restarting"
     INTERRUPTING = "interrupting"
+    RECOMPUTING = "recomputing"
+    NOTHING_TO_RECOMPUTE = "nothing-to-recompute"  # no lost name has a plan to run
+    RECOMPUTE_FAILED = "recompute-failed"  # a cell of the plan raised; the others did not run
 
 
 class HibernationError(RuntimeError):
@@ -129,6 +134,7 @@ class Operation(str, Enum):
     SHUTDOWN = Reason.SHUTTING_DOWN.value
     RESTART = Reason.RESTARTING.value
     INTERRUPT = Reason.INTERRUPTING.value
+    RECOMPUTE = Reason.RECOMPUTING.value
 
 
 @dataclass
@@ -140,13 +146,14 @@ class Hibernation:
     image_bytes: int = 0  # what storing it took: chunks other images already held cost nothing
     logical_bytes: int = 0  # the image's files as the engine wrote them
     freed_bytes: int = 0
-    gpu_freed_bytes: int = 0  # GPU memory the kernel held (dill hibernations of CUDA kernels)
+    gpu_freed_bytes: int = 0  # GPU memory the kernel held (a CUDA kernel's)
     seconds: float = 0.0
     hibernated_at: float = 0.0
     execution_state: str = "idle"  # before hibernation; a forced one may be "busy"
     error: str = ""
     lost: list[dict[str, str]] = field(default_factory=list)  # what dill could not keep
     fallback_reason: str = ""  # why not CRIU, when 'auto' used dill
+    recompute: dict[str, Any] = field(default_factory=dict)  # the plan for lost (recomputer.py)
     # Wakes so far. A connection that saw an older epoch must prove its IOPub
     # subscription is live again before it forwards messages.
     epoch: int = 0
@@ -165,6 +172,7 @@ class Hibernation:
         self.execution_state = manifest.get("execution_state", "idle")
         self.lost = manifest.get("lost", [])
         self.fallback_reason = manifest.get("fallback_reason", "")
+        self.recompute = manifest.get("recompute", {})
 
     def model(self) -> dict[str, Any]:
         model: dict[str, Any] = {"state": self.state}
@@ -183,6 +191,8 @@ class Hibernation:
             model["lost"] = self.lost
         if self.fallback_reason:
             model["fallback_reason"] = self.fallback_reason
+        if self.recompute:
+            model["recompute"] = self.recompute
         if self.error:
             model["error"] = self.error
         return model
@@ -303,6 +313,17 @@ class KernelHibernator(LoggingConfigurable):
         "'no-space'), and the kernel runs on.",
     )
 
+    recompute = CaselessStrEnum(
+        list(RECOMPUTE_MODES),
+        default_value="offer",
+        config=True,
+        help="What to do when a dill hibernation or wake loses variables: 'offer' lists the "
+        "cells of the kernel's history that re-create each one, for the user to run with one "
+        "action; 'auto' runs them during the wake; 'off' only reports the loss. Cells that "
+        "write files or run shell commands are never run; each cell has snapshot_timeout "
+        "seconds (see docs/engines.md).",
+    )
+
     kernel_manager = AnyTrait(help="The MappingKernelManager whose kernels this hibernates.")
     event_logger = Instance(EventLogger, allow_none=True)
 
@@ -325,6 +346,7 @@ class KernelHibernator(LoggingConfigurable):
         # Running kernel id -> the chunks of the image it was woken from: kept (from
         # garbage collection) for its next hibernation, which then writes only what changed.
         self._parents: dict[str, set[str]] = {}
+        self.recomputer = Recomputer(self.kernel_manager, self.log)
         metrics.watch(self.kept)
 
     @property
@@ -339,7 +361,9 @@ class KernelHibernator(LoggingConfigurable):
     def model(self, kernel_id: str) -> dict[str, Any] | None:
         """The ``hibernation`` object of a kernel's REST model; None while it simply runs."""
         record = self._records.get(kernel_id)
-        if record is None or (record.state == "running" and not record.error):
+        if record is None or (
+            record.state == "running" and not record.error and not record.recompute
+        ):
             return None
         return record.model()
 
@@ -363,6 +387,10 @@ class KernelHibernator(LoggingConfigurable):
 
     def epoch(self, kernel_id: str) -> int:
         return self.record(kernel_id).epoch
+
+    def _engine_named(self, name: str | None) -> Engine:
+        """The engine that wrote an image (its signed manifest names it)."""
+        return self._criu if name == self._criu.name else self._dill
 
     def choose_engine(
         self, requested: str, provisioner: KernelProvisionerBase | None
@@ -609,10 +637,16 @@ class KernelHibernator(LoggingConfigurable):
             **_facts(km),
         }
         try:
+            if pid := _pid(km):  # before CRIU's CUDA plugin or the kernel's end frees it
+                meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, pid)
             # The chunks it stores or finds are referenced by no image until the commit.
             async with self._using_chunks():
                 lent = _Lent(self, km, self.record(km.kernel_id))
                 meta.update(await engine.write(lent, staging, streamed))
+                if "lost" in meta and self.recompute != "off":  # recompute hook: plan in the image
+                    meta["recompute"] = await self.recomputer.prepare(
+                        km.kernel_id, staging, meta["lost"]
+                    )
                 try:
                     return await asyncio.to_thread(
                         self.store.commit, staging, km.kernel_id, meta, streamed
@@ -684,12 +718,14 @@ class KernelHibernator(LoggingConfigurable):
             image = await asyncio.to_thread(self.store.read, kernel_id)
             # The signature check covers the engine too: a manifest claiming CRIU
             # for a dill image, to get its pickles checked late, is refused.
-            engine = self._criu if image.manifest.get("engine") == self._criu.name else self._dill
+            engine = self._engine_named(image.manifest.get("engine"))
             async with self._lend(image, engine) as lent:
                 woken = await engine.wake(_Lent(self, km, record), lent)
                 # Before the chunks are let go of: no collection can come between.
                 self._parents[kernel_id] = lent.digests()
             record.lost = woken.lost
+            if record.lost and self.recompute != "off":  # recompute hook: offer or run
+                await self._recompute_at_wake(km, image, record)
             try:
                 # The process is the kernel now, then the image is gone for good,
                 # before the wake is reported: whenever the server dies, or the
@@ -729,7 +765,7 @@ class KernelHibernator(LoggingConfigurable):
         self.count_running()
         self._ended(Operation.WAKE, kernel_id, record, record.engine, started)
         # Running again: a new record, so that nothing of this image shows any more.
-        self._records[kernel_id] = Hibernation(epoch=record.epoch + 1)
+        self._records[kernel_id] = Hibernation(epoch=record.epoch + 1, recompute=record.recompute)
         # The image holds every secret the kernel had: gone now, but without
         # making the user wait for a multi-GiB delete.
         self._later(self._discard(retired))
@@ -801,14 +837,16 @@ class KernelHibernator(LoggingConfigurable):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _until_responsive(self, km: KernelManager) -> None:
-        """Wait until the kernel answers on its shell channel.
+    async def _until_responsive(self, km: KernelManager, cell_running: bool = False) -> None:
+        """Wait until the kernel answers.
 
         It is asked for comm_info, which changes nothing in the kernel, not
         kernel_info: IPython builds kernel_info's banner with ``random.choice``
         on the global generator, so a wake would move the user's random state.
         jupyter_client's ``wait_for_ready`` would also drain IOPub for 0.2 s,
-        which every wake would pay for.
+        which every wake would pay for. A kernel woken with a cell running
+        (a forced hibernation) answers its shell only once the cell ends: it is
+        asked on its control channel, which ipykernel serves meanwhile.
         """
         # The server's own IOPub subscribers (activity, %hibernate requests)
         # reconnect at once, rather than at their next retry, and miss nothing
@@ -816,12 +854,18 @@ class KernelHibernator(LoggingConfigurable):
         self.kernel_manager.rewatch(km.kernel_id)
         deadline = time.monotonic() + self.wake_timeout
         async with _client(km) as client:
+            channel, receive = (
+                (client.control_channel, client.get_control_msg)
+                if cell_running
+                else (client.shell_channel, client.get_shell_msg)
+            )
             while time.monotonic() < deadline:
-                msg_id = client.comm_info()
+                request = client.session.msg("comm_info_request", {})
+                channel.send(request)
                 with contextlib.suppress(queue.Empty):
                     while True:
-                        reply = await client.get_shell_msg(timeout=1)
-                        if reply["parent_header"].get("msg_id") == msg_id:
+                        reply = await receive(timeout=1)
+                        if reply["parent_header"].get("msg_id") == request["header"]["msg_id"]:
                             return
         raise EngineError(f"the kernel did not answer within {self.wake_timeout:.0f} s")
 
@@ -930,6 +974,7 @@ class KernelHibernator(LoggingConfigurable):
         hibernation or wake of the kernel is in flight.
         """
         record = self._records.pop(kernel_id, None)
+        self.recomputer.forget(kernel_id)
         if record is None or record.state == "running":
             if self._parents.pop(kernel_id, None):
                 await self._collect_chunks()  # what its next hibernation would have reused
@@ -940,6 +985,69 @@ class KernelHibernator(LoggingConfigurable):
         # Not hibernated any more: a restart starts it afresh (its status follows).
         km.execution_state = "starting"
         await self._discard(kernel_id)
+
+    # Recompute: what a dill hibernation or wake lost (kernelhib/recomputer.py).
+
+    async def _recompute_at_wake(
+        self, km: KernelManager, image: Image, record: Hibernation
+    ) -> None:
+        """Offer the plan for what the wake lost; with ``auto``, run it before the wake ends,
+        so the user's first request finds the names back."""
+        snapshot = self._engine_named(record.engine).snapshot_of(image.path)
+        try:
+            record.recompute = await self.recomputer.at_wake(
+                km.kernel_id, snapshot, record.recompute, record.lost
+            )
+            if self.recompute == "auto" and record.recompute.get("run"):
+                await self._run_plan(km, record)
+                back = set(record.recompute["recomputed"])
+                record.lost = [entry for entry in record.lost if entry["name"] not in back]
+        except Exception as exc:  # the kernel is awake: a plan that fails must not undo that
+            self.log.warning("Kernel %s: no recompute plan: %s", km.kernel_id, exc)
+            record.recompute = {}
+
+    async def recompute_lost(self, kernel_id: str) -> dict[str, Any]:
+        """Run the cells that re-create the lost names of the last dill wake (the one action
+        of ``recompute = offer``); return the hibernation model, which says what came back."""
+        km = self._kernel(kernel_id)
+        async with self.operation(kernel_id, Operation.RECOMPUTE):
+            record = self.record(kernel_id)
+            if record.state != "running":
+                raise Conflict(
+                    f"kernel {kernel_id} is {record.state}: wake it first, the wake offers "
+                    "what to recompute",
+                    Reason(record.state),
+                )
+            if not record.recompute.get("run"):
+                raise Conflict(
+                    f"kernel {kernel_id} has nothing to recompute: no lost variable has a plan "
+                    "that may run (see 'recompute' in its hibernation model for why)",
+                    Reason.NOTHING_TO_RECOMPUTE,
+                )
+            await self._run_plan(km, record)
+            failed = record.recompute.get("failed")
+            error = None
+            if failed:
+                error = HibernationError(
+                    f"cell [{failed['cell']}] failed while recomputing: {failed['error']}; "
+                    "the cells before it ran, the ones after it did not",
+                    Reason.RECOMPUTE_FAILED,
+                )
+            self._emit(
+                "recompute-failed" if error else "recompute",
+                kernel_id,
+                record,
+                error and error.reason,
+            )
+            if error:
+                raise error
+            return record.model()
+
+    async def _run_plan(self, km: KernelManager, record: Hibernation) -> None:
+        async with _client(km) as client:
+            record.recompute = await self.recomputer.run(
+                client, record.recompute, self.snapshot_timeout
+            )
 
     def _ended(
         self,
@@ -1059,7 +1167,8 @@ class _Lent:
         await self.km.start_kernel(**self.km._launch_args)
 
     async def until_responsive(self) -> None:
-        await self.hibernator._until_responsive(self.km)
+        # Hibernated busy (forced, so CRIU): the woken process carries on with the cell.
+        await self.hibernator._until_responsive(self.km, self.record.execution_state == "busy")
 
     async def end(self) -> None:
         await self.hibernator._end_process(self.km)

@@ -130,6 +130,8 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
                 await self.hibernator.forget(kernel_id)
                 now = True
             await super()._async_restart_kernel(kernel_id, now=now)
+            # A fresh namespace: the last wake's recompute offer no longer applies.
+            self.hibernator.record(kernel_id).recompute = {}
             if hibernated:
                 # A new process that answered kernel_info: idle. Its status messages
                 # reach subscribers that connect now, not the ones of the image's days.

@@ -6,7 +6,10 @@ restore to work:
 - The kernel runs as the first process of its own pid namespace
   (``unshare --pid --fork``): a restore recreates the namespace, so it never
   fails because the kernel's old pid was taken meanwhile. Not on hosts with
-  NVIDIA GPUs (unless configured): CUDA cannot start in such a namespace.
+  NVIDIA GPUs (unless configured): CUDA cannot start in such a namespace. There,
+  where CRIU can checkpoint CUDA (:mod:`kernelhib.engines.cuda`), the kernel is
+  restored at its own pids instead, after checking that they are free; else it
+  is hibernated with dill.
 - No pipes to the server: stdin is /dev/null, output goes to a per-kernel log
   file. A pipe to a process outside the image cannot be restored.
 - No ``JPY_PARENT_PID``, and nothing else that ties the kernel's life to the
@@ -37,11 +40,12 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import CaselessStrEnum, Unicode, default
 
+from .engines import cuda
 from .engines.base import EngineError
 from .engines.criu import CriuEngine
 from .engines.criu_service import CriuService, acall
 from .engines.criu_stream import ImageSink, ImageSource
-from .kernel_process import KernelProcess, namespace_init
+from .kernel_process import KernelProcess, namespace_init, process_tree
 from .paths import kernelhib_data_dir, private_dir
 
 # --kill-child: the kernel dies with unshare, so ending either ends both.
@@ -55,6 +59,11 @@ ON_GPU_HOST = (
     "this host has NVIDIA GPUs, so kernels start without a pid namespace (CUDA cannot start in one)"
 )
 IF_NO_CUDA = "if kernels here never use CUDA, set HibernatingProvisioner.pid_namespace = 'always'"
+_RESUMING: set[asyncio.Future[None]] = set()
+SAME_PIDS = (
+    "on this GPU host kernels start without a pid namespace and CRIU restores them at their "
+    "own pids, GPU memory included (CRIU's CUDA plugin)"
+)
 
 
 def _runs_our_python(executable: str) -> bool:
@@ -83,9 +92,11 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         config=True,
         help="Run each kernel in a pid namespace of its own, which CRIU needs to restore it "
         "(else its pid may be taken by then). 'auto': unless the host has NVIDIA GPUs, "
-        "where CUDA cannot start in such a namespace (and CRIU cannot checkpoint CUDA "
-        "state). Kernels without one are hibernated with dill. 'always' suits GPU hosts "
-        "whose kernels never use CUDA.",
+        "where CUDA cannot start in such a namespace: there kernels start without one, and "
+        "where CRIU can checkpoint CUDA (driver >= 570, cuda-checkpoint, CRIU's CUDA plugin, "
+        "no MIG or MPS; see `kernelhib doctor`) CRIU restores them at their own pids, else "
+        "they are hibernated with dill. 'never': kernels have none and are hibernated with "
+        "dill. 'always' suits GPU hosts whose kernels never use CUDA.",
     )
 
     @property
@@ -96,6 +107,8 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
     kernel: KernelProcess | None = None
     hibernated: bool = False
     not_restorable: str = ""
+    # Restored at its own pids, without a pid namespace: a kernel of a GPU host.
+    same_pids: bool = False
 
     @property
     def files_dir(self) -> Path:
@@ -118,8 +131,9 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             if _runs_our_python(cmd[0]):
                 # kernelhib is importable there: %hibernate works without %load_ext.
                 cmd.append("--InteractiveShellApp.extra_extensions=kernelhib")
-        self.not_restorable = self._why_not_restorable()
-        if not self.not_restorable and not self.service:
+        self.same_pids = False
+        self.not_restorable = self._why_not_restorable() or await self._why_not_on_gpu_host()
+        if not self.not_restorable and not self.service and not self.same_pids:
             kwargs["cmd"] = [*_UNSHARE, *cmd]
         env = dict(kwargs.get("env") or os.environ)
         env.pop("JPY_PARENT_PID", None)  # the launcher sets it again where it is harmless
@@ -139,8 +153,21 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
                 return "`unshare` (util-linux) is not installed, so the kernel has no pid namespace"
         if self.pid_namespace == "never":
             return "HibernatingProvisioner.pid_namespace is 'never', so the kernel has none"
-        if self.pid_namespace == "auto" and NVIDIA_CONTROL_DEVICE.exists():
+        return ""
+
+    async def _why_not_on_gpu_host(self) -> str:
+        """On a GPU host ('auto'), the kernel gets no pid namespace: CRIU restores it at its
+        own pids where it can checkpoint CUDA (``same_pids``), else say why not."""
+        if self.pid_namespace != "auto" or not NVIDIA_CONTROL_DEVICE.exists():
+            return ""
+        if self.service:  # kernelhib-criud starts every kernel in a pid namespace
             return f"{ON_GPU_HOST}; {IF_NO_CUDA}"
+        gpu = await asyncio.to_thread(cuda.check)
+        if not gpu.ok:
+            return (
+                f"{ON_GPU_HOST}, and CRIU cannot checkpoint CUDA here ({gpu.reason}); {IF_NO_CUDA}"
+            )
+        self.same_pids = True
         return ""
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
@@ -154,7 +181,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             )
             info = await super().launch_kernel(cmd, **kwargs)
         pid = self.process.pid
-        if not self.not_restorable:
+        if not self.not_restorable and not self.same_pids:
             try:
                 pid = await namespace_init(pid, self.process.poll)
             except RuntimeError as exc:
@@ -237,24 +264,48 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         memory = self.kernel.memory_bytes()
         try:
             await engine.dump(self.kernel.pid, image_dir, sink)
-        except BaseException:
+        except BaseException as exc:
             self.resume()
+            if self.same_pids and isinstance(exc, EngineError):
+                raise EngineError(cuda.explain_dump_failure(str(exc))) from exc
             raise
         return memory
 
     def resume(self) -> None:
-        """Let the kernel that :meth:`checkpoint` or :meth:`restore` left stopped run on."""
+        """Let the kernel that :meth:`checkpoint` or :meth:`restore` left stopped run on.
+
+        A GPU kernel whose dump succeeded has its CUDA state checkpointed still,
+        and a restore whose plugin failed to resume it only logs that: it is put
+        back on the GPU, in the background.
+        """
         if self.kernel:
             self.kernel.resume()
+            if self.same_pids:
+                task = asyncio.ensure_future(asyncio.to_thread(self._resume_cuda, self.kernel.pid))
+                _RESUMING.add(task)  # held until done
+                task.add_done_callback(_RESUMING.discard)
+
+    def _resume_cuda(self, pid: int) -> None:
+        for problem in cuda.resume(process_tree(pid)):
+            self.log.warning(
+                "Kernel %s: its GPU state did not come back: %s", self.kernel_id, problem
+            )
 
     async def restore(
         self, engine: CriuEngine, image_dir: Path, source: ImageSource | None = None
     ) -> None:
         """Bring the kernel back from its image (streamed from ``source`` if given), as
-        our child, in a new pid namespace.
+        our child, in a new pid namespace, or (``same_pids``) at its own pids if none of
+        them is taken.
 
         It is left stopped: :meth:`resume` lets it run.
         """
+        if self.same_pids and (taken := await asyncio.to_thread(cuda.pids_taken, image_dir)):
+            raise EngineError(
+                f"pids {', '.join(map(str, taken))} of the kernel are taken by other processes; "
+                f"a kernel of this GPU host is restored at its own pids (it has no pid "
+                f"namespace): wake it again once they have ended"
+            )
         pid = await engine.restore(image_dir, source)
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid
@@ -274,10 +325,15 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
-        info.update(hibernated=self.hibernated, not_restorable=self.not_restorable)
+        info.update(
+            hibernated=self.hibernated,
+            not_restorable=self.not_restorable,
+            same_pids=self.same_pids,
+        )
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         await super().load_provisioner_info(provisioner_info)
         self.hibernated = provisioner_info.get("hibernated", False)
         self.not_restorable = provisioner_info.get("not_restorable", "")
+        self.same_pids = provisioner_info.get("same_pids", False)

@@ -140,9 +140,17 @@ def hibernate(
 
 def wake(server: Server, kernel_id: str) -> dict[str, Any]:
     """Wake a hibernated kernel and return its model."""
-    return _request(
-        server, "POST", f"api/kernels/{_quote(kernel_id)}/wake", {}, timeout=HIBERNATE_TIMEOUT_S
-    )
+    return _action(server, kernel_id, "wake")
+
+
+def recompute(server: Server, kernel_id: str) -> dict[str, Any]:
+    """Run the cells that re-create what the kernel's last dill wake lost; return its model."""
+    return _action(server, kernel_id, "recompute")
+
+
+def _action(server: Server, kernel_id: str, action: str) -> dict[str, Any]:
+    path = f"api/kernels/{_quote(kernel_id)}/{action}"
+    return _request(server, "POST", path, {}, timeout=HIBERNATE_TIMEOUT_S)
 
 
 def _request(

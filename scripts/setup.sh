@@ -130,6 +130,20 @@ if ((lab)); then
     say "JupyterLab extension: kernelhib $("$venv/bin/python" -c 'import kernelhib; print(kernelhib.__version__)') enabled"
 fi
 
+# 3b. torch's CPU build, for the test that a dill snapshot keeps torch's generators. PyPI's
+# Linux torch is the CUDA build, gigabytes with NVIDIA's libraries: only a CPU build that pip
+# can see (here, the machine's own wheel directory) is installed; without one the test skips.
+if ((test_extras)) && ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
+    cpu="$("$venv/bin/python" -m pip index versions torch 2>/dev/null |
+        sed -n 's/^Available versions: //p' | tr ',' '\n' | tr -d ' ' | grep -m1 '+cpu$' || true)"
+    if [[ -n "$cpu" ]]; then
+        say "torch $cpu (CPU build): pip install"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$cpu"
+    else
+        say "torch: no CPU build to be had; the test of torch's generators will skip"
+    fi
+fi
+
 # 4. The JupyterHub test's proxy, from the npm registry, as tests/hub/package-lock.json says.
 if ((test_extras)) && [[ ! -x "$repo/tests/hub/node_modules/.bin/configurable-http-proxy" ]]; then
     say "configurable-http-proxy: npm ci --prefix tests/hub"

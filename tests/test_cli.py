@@ -8,7 +8,6 @@ import json
 import os
 import pty
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ import pytest
 
 from kernelhib import provisioner, server_client
 from kernelhib.cli import human_bytes, main
+from kernelhib.testing import free_port
 
 from .conftest import TRACE_A_CHILD, ServerProcess, wait_for_state
 from .test_criu_install import require_installable
@@ -171,12 +171,6 @@ def test_install_criu_failure_exits_1(tmp_path):
     assert "Traceback" not in failed.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_hibernate_without_server_exits_1():
     url = f"http://127.0.0.1:{free_port()}/"
     failed = kernelhib("hibernate", "abc", "--url", url, "--token", "t")
@@ -279,6 +273,35 @@ async def test_list_hibernate_and_wake_the_kernels_of_a_running_server(launch_se
     assert unknown.returncode == 1
     assert "HTTP 404" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+
+
+async def test_wake_lists_what_dill_lost_and_recompute_runs_the_cells_that_make_it(
+    launch_server,
+):
+    server = await launch_server()
+    kernel_id = await start_idle(server)
+    channel = await server.open_channel(kernel_id)
+    made = await channel.execute("import threading\nlock = threading.Lock()")
+    cell = made["execution_count"]
+    env = runtime_of(server)
+    await asyncio.to_thread(kernelhib, "hibernate", "--engine", "dill", kernel_id, env=env)
+
+    woken = await asyncio.to_thread(kernelhib, "wake", kernel_id, env=env)
+
+    assert (woken.returncode, woken.stderr) == (0, "")
+    lines = woken.stdout.splitlines()
+    assert re.fullmatch(rf"  lost lock: cells \[{cell}\] \(last run [-0-9]+ [:0-9]+\)", lines[1])
+    assert lines[2] == f"  Run `kernelhib recompute {kernel_id}` to run cells [{cell}]."
+    listed = await asyncio.to_thread(kernelhib, "recompute", "--dry-run", kernel_id, env=env)
+    assert listed.stdout.splitlines()[1:] == lines[1:]
+
+    done = await asyncio.to_thread(kernelhib, "recompute", kernel_id, env=env)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == f"Recomputed in kernel {kernel_id}: lock\n"
+    assert (await channel.execute("type(lock).__name__"))["result"] == "'lock'"
+    again = await asyncio.to_thread(kernelhib, "recompute", kernel_id, env=env)
+    assert (again.returncode, again.stdout) == (0, f"Kernel {kernel_id}: nothing to recompute\n")
 
 
 @pytest.mark.criu

@@ -596,3 +596,46 @@ def test_module_state_that_cannot_be_kept_is_listed_as_lost(
         {"name": "warnings filters", "type": "module state", "reason": reason},
     ]
     assert loaded["lost"] == saved["lost"]
+
+
+TORCH_STREAM = """
+import torch
+torch.manual_seed(7)
+torch.rand(2)  # not at the seed
+def peek():
+    state = torch.get_rng_state()
+    values = torch.rand(3).tolist()
+    torch.set_rng_state(state)
+    return values
+expected = peek()
+"""
+
+
+def test_a_seeded_torch_generator_continues_its_stream(
+    tmp_path: Path, kernels: list[Kernel]
+) -> None:
+    # The CPU build of torch (scripts/setup.sh installs it where one is at hand). A fresh
+    # kernel's generator starts from torch's fixed default seed, not from this stream.
+    pytest.importorskip("torch", reason="torch is not installed (scripts/setup.sh)")
+    saved, loaded, kernel = save_then_load(tmp_path, kernels, TORCH_STREAM)
+    assert saved["lost"] == loaded["lost"] == []
+    assert kernel.value("torch.rand(3).tolist()") == kernel.value("expected")
+
+
+def test_gpu_generators_for_gpus_the_new_kernel_lacks_are_listed_as_lost(
+    tmp_path: Path, kernels: list[Kernel]
+) -> None:
+    # A kernel that had started CUDA on one GPU, stood in for: its GPU generator's state
+    # is the CPU one's. The new kernel sees no GPU.
+    pytest.importorskip("torch", reason="torch is not installed (scripts/setup.sh)")
+    code = (
+        "import torch\n"
+        "torch.cuda.is_initialized = lambda: True\n"
+        "torch.cuda.get_rng_state_all = lambda: [torch.get_rng_state()]"
+    )
+    saved, loaded, _ = save_then_load(tmp_path, kernels, code)
+    assert saved["lost"] == []
+    reason = "could not be restored: saved for 1 GPU(s), and this kernel sees 0"
+    assert loaded["lost"] == [
+        {"name": "torch CUDA generators", "type": "module state", "reason": reason}
+    ]

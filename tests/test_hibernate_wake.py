@@ -162,18 +162,23 @@ async def test_forced_hibernation_freezes_a_running_cell_that_finishes_after_wak
     start_kernel: Any, api: Any
 ) -> None:
     kernel_id, channel = await start_kernel()
-    code = "import time\nfor i in range(30):\n    time.sleep(0.1)\nresult = sum(range(10**6))"
+    code = "import time\nfor i in range(150):\n    time.sleep(0.1)\nresult = sum(range(10**6))"
     msg_id = channel.send("execute_request", {"code": code})
     await wait_for_state(api, kernel_id, "busy")
 
     model = await api("POST", "kernels", kernel_id, "hibernate", body={"force": True})
     assert model["execution_state"] == "hibernated"
     await asyncio.sleep(1)
-    await api("POST", "kernels", kernel_id, "wake")
+    # The wake does not wait for the cell (its shell answers only after it): the
+    # kernel is back, and busy, while the cell runs on.
+    woken = await api("POST", "kernels", kernel_id, "wake")
+    assert woken["execution_state"] == "busy"
+    await asyncio.sleep(1)
+    assert (await api("GET", "kernels", kernel_id))["execution_state"] == "busy"
 
     reply = await channel.next_reply(msg_id)
     assert reply["content"]["status"] == "ok"
-    assert (await channel.execute("result, i"))["result"] == "(499999500000, 29)"
+    assert (await channel.execute("result, i"))["result"] == "(499999500000, 149)"
 
 
 async def test_wake_succeeds_when_the_old_pid_was_taken(

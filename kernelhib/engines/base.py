@@ -169,3 +169,9 @@ class Engine(ABC):
         """Whether an image file is raw data the engine only appends to and never
         parses: hashed as it is written, and checked while the restore reads it."""
         return False
+
+    @staticmethod
+    def snapshot_of(image: Path) -> Path:
+        """Where an image of this engine keeps its dill snapshot: the kernel's
+        history, from which the cells that re-create lost names are planned."""
+        return image

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..kernel_process import tree_memory
+from ..kernel_process import gpu_memory, tree_memory
 from .base import Availability, Engine, EngineError, Kernel, StoredImage, Woken
 from .criu_install import CriuBinary, CriuUnavailable, locate_criu, version_text
 from .criu_service import ServiceError, acall, call
@@ -267,9 +267,15 @@ class CriuEngine(Engine):
         process and never parsed."""
         return name.startswith("pages-") and name.endswith(".img")
 
+    @staticmethod
+    def snapshot_of(image: Path) -> Path:
+        """The spare snapshot beside the memory (keep_dill_snapshot)."""
+        return image / DILL_SNAPSHOT
+
     def estimate(self, pid: int) -> int:
-        """The kernel's private memory, and a kept dill snapshot on top."""
-        memory = tree_memory(pid)
+        """The kernel's private memory and GPU memory (CRIU's CUDA plugin copies it
+        out), and a kept dill snapshot on top."""
+        memory = tree_memory(pid) + gpu_memory(pid)
         return memory * 2 if self.keep_dill_snapshot else memory
 
     async def write(

@@ -89,7 +89,6 @@ class DillEngine(Engine):
         if pid := kernel.pid:
             # Measured while the kernel still runs: it ends after the commit.
             meta["freed_bytes"] = await asyncio.to_thread(tree_memory, pid)
-            meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, pid)
         meta["lost"] = await self.save(kernel, staging)
         return meta
 

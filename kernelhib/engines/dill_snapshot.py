@@ -461,6 +461,20 @@ def _set_logger_levels(logging: Any, levels: dict[str, int]) -> None:
     _set_each(lambda name, level: logging.getLogger(name or None).setLevel(level), levels)
 
 
+def _cuda_generators(torch: Any) -> list[Any] | None:
+    """Each GPU's default generator, once CUDA has started in the kernel (asking
+    before would start it, in a kernel that may never use the GPU)."""
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+
+def _set_cuda_generators(torch: Any, states: list[Any]) -> None:
+    """Set each GPU's generator; torch does it when CUDA starts, if it has not yet."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count != len(states):
+        raise RuntimeError(f"saved for {len(states)} GPU(s), and this kernel sees {count}")
+    torch.cuda.set_rng_state_all(states)
+
+
 # State kept inside modules, saved with the variables when the module was imported:
 # (name in ``lost``, module, read it from the module or None if at its default, set it).
 _MODULE_STATE: tuple[tuple[str, str, Callable[[Any], Any], Callable[[Any, Any], None]], ...] = (
@@ -470,6 +484,8 @@ _MODULE_STATE: tuple[tuple[str, str, Callable[[Any], Any], Callable[[Any, Any], 
     ("pandas options", "pandas", _changed_pandas_options, _set_pandas_options),
     ("warnings filters", "warnings", lambda module: list(module.filters), _set_warning_filters),
     ("logging levels", "logging", _logger_levels, _set_logger_levels),
+    ("torch generator", "torch", lambda t: t.get_rng_state(), lambda t, s: t.set_rng_state(s)),
+    ("torch CUDA generators", "torch", _cuda_generators, _set_cuda_generators),
 )
 
 
@@ -734,8 +750,8 @@ def _notice(lost: list[dict[str, str]], problems: list[str]) -> str:
         text += " Not kept: " + ", ".join(f"{e['name']} ({e['reason']})" for e in lost) + "."
     text += (
         " Threads, comms and widgets, open handles and state held inside imported modules"
-        " (other than random streams, matplotlib and pandas options, warning filters and"
-        " logging levels) are gone."
+        " (other than random streams, torch's generators, matplotlib and pandas options,"
+        " warning filters and logging levels) are gone."
     )
     return "\n".join([text, *(f"kernelhib: {problem}" for problem in problems)])
 

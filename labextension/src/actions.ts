@@ -28,6 +28,15 @@ export class HibernationActions {
     }
   }
 
+  /** Run the cells that re-create the variables the kernel's last wake lost. */
+  async recompute(kernelId: string): Promise<void> {
+    try {
+      await this._store.recompute(kernelId);
+    } catch (error) {
+      this._refused('recompute', kernelId, error);
+    }
+  }
+
   /** Hibernate every running, idle kernel, one after the other. */
   async hibernateIdle(): Promise<void> {
     try {
@@ -68,7 +77,7 @@ export class HibernationActions {
   }
 
   private _refused(
-    action: 'hibernate' | 'wake',
+    action: 'hibernate' | 'wake' | 'recompute',
     kernelId: string,
     error: unknown
   ): void {

@@ -1,6 +1,6 @@
 /**
  * kernelhib's REST calls: the kernels API with its hibernation fields, and
- * `POST /api/kernels/{id}/hibernate|wake`.
+ * `POST /api/kernels/{id}/hibernate|wake|recompute`.
  */
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
@@ -83,6 +83,18 @@ export function wakeKernel(
   return request<IKernelModel>(
     settings,
     `${encodeURIComponent(kernelId)}/wake`,
+    { method: 'POST' }
+  );
+}
+
+/** Run the cells that re-create what the kernel's last dill wake lost. */
+export function recomputeKernel(
+  settings: ServerConnection.ISettings,
+  kernelId: string
+): Promise<IKernelModel> {
+  return request<IKernelModel>(
+    settings,
+    `${encodeURIComponent(kernelId)}/recompute`,
     { method: 'POST' }
   );
 }

@@ -1,7 +1,8 @@
 /**
  * The sidebar panel: every kernel of the server with its notebooks, state,
  * memory, image size, engine and last activity; hibernate, wake and discard
- * actions; and the memory freed by all hibernated kernels.
+ * actions; the variables a dill wake lost, with the cells that re-create them
+ * and a Recompute action; and the memory freed by all hibernated kernels.
  */
 import { refreshIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
@@ -13,7 +14,9 @@ import {
   formatBytes,
   formatTime,
   freedShort,
+  canRecompute,
   hibernationNotes,
+  recomputeNotes,
   sessionNames,
   stateLabel,
   summaryText
@@ -120,6 +123,14 @@ export class HibernationPanel extends Widget {
 
     const actions = document.createElement('div');
     actions.className = 'jp-kernelhib-Kernel-actions';
+    if (canRecompute(view)) {
+      const recompute = this._button('Recompute', () =>
+        this._actions.recompute(view.id)
+      );
+      recompute.classList.add('jp-kernelhib-Recompute');
+      recompute.title = `Run cells ${view.recompute?.run.map(n => `[${n}]`).join(', ')} again to re-create the lost variables`;
+      actions.append(recompute);
+    }
     if (view.state === 'running') {
       actions.append(
         this._button('Hibernate', () => this._actions.hibernate(view.id))
@@ -131,7 +142,10 @@ export class HibernationPanel extends Widget {
       this._button('Discard', () => this._actions.discard(view.id))
     );
 
-    const notes = hibernated ? hibernationNotes(view) : [];
+    const notes = [
+      ...(hibernated ? hibernationNotes(view) : []),
+      ...recomputeNotes(view.recompute, new Date())
+    ];
     const note = document.createElement('p');
     note.className = 'jp-kernelhib-Kernel-notes';
     note.textContent = notes.join('\n');

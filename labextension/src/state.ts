@@ -37,6 +37,38 @@ export interface ILostVariable {
   reason: string;
 }
 
+/** One cell of a recompute plan: a history entry (`In[number]`) and where it came from. */
+export interface IRecomputeCell {
+  number: number;
+  source: string;
+  /** When it last ran, in seconds since the epoch; null if the server did not see it run. */
+  last_run: number | null;
+  /** Its index among the notebook's cells; null if no cell matched. */
+  notebook_cell: number | null;
+  /** Why it must not be replayed (it writes files, runs shell commands...). */
+  refused?: string;
+}
+
+/** How one lost variable comes back: the cells that re-create it, or why they may not run. */
+export interface IRecomputeName {
+  name: string;
+  cells: number[];
+  refused?: string;
+}
+
+/** `hibernation.recompute`: the plan for the variables a dill hibernation or wake lost. */
+export interface IRecomputePlan {
+  names: IRecomputeName[];
+  cells: IRecomputeCell[];
+  /** The cells one action runs, in order; empty once run, or if none may run. */
+  run: number[];
+  notebook?: { path: string; fingerprint: string; changed?: boolean };
+  /** The names a run brought back. */
+  recomputed?: string[];
+  /** The cell that raised, which stopped the run. */
+  failed?: { cell: number; error: string };
+}
+
 /** The `hibernation` object of a kernel's REST model; absent while a kernel simply runs. */
 export interface IHibernationModel {
   state: HibernationState;
@@ -51,6 +83,8 @@ export interface IHibernationModel {
   lost?: ILostVariable[];
   /** Why CRIU was not used (at hibernation), or could not restore (at wake). */
   fallback_reason?: string;
+  /** The plan for what dill lost (KernelHibernator.recompute 'offer' or 'auto'). */
+  recompute?: IRecomputePlan;
 }
 
 /** A kernel model of `GET /api/kernels`, with kernelhib's additions. */
@@ -66,12 +100,14 @@ export interface IKernelModel {
 }
 
 /**
- * One event of kernelhib's schema. Its action is one of six:
+ * One event of kernelhib's schema. Its action is one of eight:
  *
  * - `hibernate-started` (state hibernating), then `hibernate` (hibernated) or
  *   `hibernate-failed` (running, with `error`);
  * - `wake-started` (waking), then `wake` (running) or `wake-failed` (hibernated,
- *   with `error`).
+ *   with `error`);
+ * - `recompute` or `recompute-failed` (running): the cells that re-create
+ *   lost variables ran, or one raised (its `recompute.failed`).
  *
  * The -started events reach every client, not only the one that asked, so all
  * of them show the transition. Its state is the kernel's state after it; an
@@ -115,6 +151,8 @@ export interface IKernelView {
   readonly fallbackReason: string;
   /** The variables the dill engine could not keep. */
   readonly lost: readonly ILostVariable[];
+  /** The plan to recompute them; null if none. */
+  readonly recompute: IRecomputePlan | null;
 }
 
 /** A kernel's view from its REST model. */
@@ -136,7 +174,8 @@ export function viewFromModel(model: IKernelModel): IKernelView {
     hibernatedAt: hibernation?.hibernated_at ?? 0,
     error: hibernation?.error ?? '',
     fallbackReason: hibernation?.fallback_reason ?? '',
-    lost: hibernation?.lost ?? []
+    lost: hibernation?.lost ?? [],
+    recompute: hibernation?.recompute ?? null
   };
 }
 
@@ -207,7 +246,8 @@ export function applyEvent(
         state: 'hibernating',
         error: '',
         fallbackReason: '',
-        lost: []
+        lost: [],
+        recompute: null
       };
     case 'wake-started':
       // The image's facts stay in sight while it is restored.
@@ -236,7 +276,8 @@ export function applyEvent(
     hibernatedAt: event.hibernated_at ?? base.hibernatedAt,
     error: event.error ?? '',
     fallbackReason: event.fallback_reason ?? base.fallbackReason,
-    lost: event.lost ?? base.lost
+    lost: event.lost ?? base.lost,
+    recompute: event.recompute ?? base.recompute
   };
 }
 
@@ -424,6 +465,60 @@ export function hibernationNotes(view: IKernelView): string[] {
   return notes;
 }
 
+/** Whether the panel offers its Recompute button: a running kernel with cells to run. */
+export function canRecompute(view: IKernelView): boolean {
+  return view.state === 'running' && (view.recompute?.run.length ?? 0) > 0;
+}
+
+/**
+ * The plan, one line per lost name: the cells that re-create it with their
+ * notebook cell and last run, or why they may not run; then what a run did.
+ */
+export function recomputeNotes(
+  plan: IRecomputePlan | null,
+  now: Date
+): string[] {
+  if (plan === null) {
+    return [];
+  }
+  const cells = new Map(plan.cells.map(cell => [cell.number, cell]));
+  const notes = plan.names.map(entry => {
+    const runs = entry.cells
+      .map(n => cells.get(n))
+      .filter((cell): cell is IRecomputeCell => cell !== undefined)
+      .map(cell => cellText(cell, now));
+    const from = runs.length > 0 ? ` from ${runs.join(', ')}` : '';
+    return entry.refused
+      ? `${entry.name}: not recomputed${from}: ${entry.refused}`
+      : `${entry.name}: can be recomputed${from}`;
+  });
+  if (plan.recomputed?.length) {
+    notes.push(`Recomputed: ${plan.recomputed.join(', ')}`);
+  }
+  if (plan.failed) {
+    notes.push(`Cell [${plan.failed.cell}] failed: ${plan.failed.error}`);
+  }
+  if (plan.notebook?.changed) {
+    notes.push(
+      `${plan.notebook.path} changed since the kernel hibernated: the cells run as they ran then`
+    );
+  }
+  return notes;
+}
+
+/** `[3] (cell 2, last run 13:52:01)` */
+function cellText(cell: IRecomputeCell, now: Date): string {
+  const facts: string[] = [];
+  if (cell.notebook_cell !== null) {
+    facts.push(`cell ${cell.notebook_cell + 1}`);
+  }
+  if (cell.last_run !== null) {
+    const iso = new Date(cell.last_run * 1000).toISOString();
+    facts.push(`last run ${formatTime(iso, now)}`);
+  }
+  return `[${cell.number}]${facts.length > 0 ? ` (${facts.join(', ')})` : ''}`;
+}
+
 /**
  * The variables a hibernation really loses: a dill engine's. A CRIU image keeps
  * everything; the dill snapshot kept beside it (keep_dill_snapshot) only
@@ -504,17 +599,35 @@ export function eventNotice(
         event.fallback_reason && event.engine === 'criu'
           ? ` from its dill snapshot (${event.fallback_reason})`
           : '';
+      // recompute = 'auto': what the wake ran again is back.
+      const recomputed = event.recompute?.recomputed?.length
+        ? `, recomputing ${event.recompute.recomputed.join(', ')}`
+        : '';
       return lost.length === 0
         ? {
             type: fallback ? 'warning' : 'success',
-            message: `Woke ${kernel}${took}${fallback}.`
+            message: `Woke ${kernel}${took}${fallback}${recomputed}.`
           }
         : {
             type: 'warning',
             message:
-              `Woke ${kernel}${took}${fallback}, but ${count} ${lost.length === 1 ? 'was' : 'were'} lost: ` +
-              `${formatLost(lost)}. Run the cells that define them again.`
+              `Woke ${kernel}${took}${fallback}${recomputed}, but ${count} ${lost.length === 1 ? 'was' : 'were'} lost: ` +
+              `${formatLost(lost)}. ${recomputeHint(event.recompute)}`
           };
+    }
+    case 'recompute':
+      return {
+        type: 'success',
+        message: `Recomputed in ${kernel}: ${(event.recompute?.recomputed ?? []).join(', ')}.`
+      };
+    case 'recompute-failed': {
+      const failed = event.recompute?.failed;
+      return {
+        type: 'error',
+        message: failed
+          ? `Could not recompute in ${kernel}: cell [${failed.cell}] failed: ${failed.error}`
+          : `Could not recompute in ${kernel}.`
+      };
     }
     case 'wake-failed':
       return {
@@ -526,6 +639,13 @@ export function eventNotice(
     default:
       return null;
   }
+}
+
+/** What to do about lost variables: the panel's Recompute button, if the plan has cells to run. */
+function recomputeHint(plan: IRecomputePlan | undefined): string {
+  return plan && plan.run.length > 0
+    ? 'Recompute them from the Kernel Hibernation panel, or run the cells that define them again.'
+    : 'Run the cells that define them again.';
 }
 
 /** The file names of a kernel's notebooks (or consoles), from its sessions' paths. */
@@ -558,6 +678,7 @@ export interface IRefusal extends INotice {
 const REPORTED_BY_EVENTS: readonly string[] = [
   'hibernate-failed',
   'wake-failed',
+  'recompute-failed',
   'no-space',
   'store-full'
 ];
@@ -570,7 +691,7 @@ const REPORTED_BY_EVENTS: readonly string[] = [
  * `busy` can be forced (`busy-needs-criu` is refused with force too).
  */
 export function refusalNotice(
-  action: 'hibernate' | 'wake',
+  action: 'hibernate' | 'wake' | 'recompute',
   kernel: string,
   status: number,
   reason: string,

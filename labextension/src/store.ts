@@ -16,7 +16,8 @@ import {
   hibernateKernel,
   listKernels,
   RequestError,
-  wakeKernel
+  wakeKernel,
+  recomputeKernel
 } from './api';
 import type { IHibernationEvent, IKernelModel, IKernelView } from './state';
 import {
@@ -109,6 +110,13 @@ export class HibernationStore {
     this._begin(kernelId, 'waking');
     await this._settle(kernelId, () =>
       wakeKernel(this._services.serverSettings, kernelId)
+    );
+  }
+
+  /** Run the cells that re-create the kernel's lost variables; a RequestError says why not. */
+  async recompute(kernelId: string): Promise<void> {
+    await this._settle(kernelId, () =>
+      recomputeKernel(this._services.serverSettings, kernelId)
     );
   }
 

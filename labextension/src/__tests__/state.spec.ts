@@ -1,8 +1,9 @@
-import type { IHibernationEvent, IKernelModel } from '../state';
+import type { IHibernationEvent, IKernelModel, IRecomputePlan } from '../state';
 import {
   applyEvent,
   beginTransition,
   buttonLook,
+  canRecompute,
   eventNotice,
   formatBytes,
   formatSeconds,
@@ -15,6 +16,7 @@ import {
   kernelLabel,
   mergeListing,
   parseHibernationEvent,
+  recomputeNotes,
   refusalNotice,
   stateLabel,
   statusText,
@@ -868,6 +870,204 @@ describe('refusalNotice', () => {
     ).toBeNull();
     expect(
       refusalNotice('wake', kernel, 500, 'wake-failed', 'wake failed')
+    ).toBeNull();
+  });
+});
+
+/** The plan after a dill wake lost `lock` (re-made by cell 3) and `log` (its cell writes a file). */
+const plan: IRecomputePlan = {
+  names: [
+    { name: 'lock', cells: [3] },
+    {
+      name: 'log',
+      cells: [4],
+      refused: "cell [4] writes files (open with mode 'w')"
+    }
+  ],
+  cells: [
+    {
+      number: 3,
+      source: 'lock = threading.Lock()',
+      last_run: Date.UTC(2026, 10, 27, 0, 20, 0) / 1000,
+      notebook_cell: 1
+    },
+    {
+      number: 4,
+      source: "log = open('run.log', 'w')",
+      last_run: null,
+      notebook_cell: null,
+      refused: "writes files (open with mode 'w')"
+    }
+  ],
+  run: [3],
+  notebook: { path: 'demo.ipynb', fingerprint: 'f00d', changed: false }
+};
+
+const wokenWithPlan: IKernelModel = {
+  ...runningModel,
+  hibernation: { state: 'running', recompute: plan }
+};
+
+describe('recompute', () => {
+  const now = new Date(Date.UTC(2026, 10, 27, 12, 0, 0));
+  const lastRun = new Date(plan.cells[0].last_run! * 1000);
+  const lastRunText =
+    lastRun.toDateString() === now.toDateString()
+      ? lastRun.toLocaleTimeString()
+      : lastRun.toLocaleString();
+
+  it('reads the plan of a woken kernel and offers its action', () => {
+    const view = viewFromModel(wokenWithPlan);
+    expect(view.recompute).toEqual(plan);
+    expect(canRecompute(view)).toBe(true);
+    expect(viewFromModel(runningModel).recompute).toBeNull();
+    expect(canRecompute(viewFromModel(runningModel))).toBe(false);
+  });
+
+  it('offers no action while hibernated, or once the cells ran', () => {
+    const hibernated = viewFromModel({
+      ...hibernatedModel,
+      hibernation: { ...hibernatedModel.hibernation!, recompute: plan }
+    });
+    expect(canRecompute(hibernated)).toBe(false);
+    const ran = viewFromModel({
+      ...runningModel,
+      hibernation: {
+        state: 'running',
+        recompute: { ...plan, run: [], recomputed: ['lock'] }
+      }
+    });
+    expect(canRecompute(ran)).toBe(false);
+  });
+
+  it('lists each lost name with its cells and their last run, or why not', () => {
+    expect(recomputeNotes(plan, now)).toEqual([
+      `lock: can be recomputed from [3] (cell 2, last run ${lastRunText})`,
+      "log: not recomputed from [4]: cell [4] writes files (open with mode 'w')"
+    ]);
+    expect(recomputeNotes(null, now)).toEqual([]);
+  });
+
+  it('says what came back, what failed, and that the notebook changed', () => {
+    const after: IRecomputePlan = {
+      ...plan,
+      names: [plan.names[1]],
+      run: [],
+      recomputed: ['lock'],
+      failed: { cell: 5, error: 'ValueError: boom' },
+      notebook: { path: 'demo.ipynb', fingerprint: 'f00d', changed: true }
+    };
+    expect(recomputeNotes(after, now).slice(1)).toEqual([
+      'Recomputed: lock',
+      'Cell [5] failed: ValueError: boom',
+      'demo.ipynb changed since the kernel hibernated: the cells run as they ran then'
+    ]);
+  });
+
+  it('keeps the plan through events that do not carry one, drops it at a new hibernation', () => {
+    const view = viewFromModel(wokenWithPlan);
+    const done = applyEvent(
+      view,
+      event({
+        action: 'recompute',
+        state: 'running',
+        recompute: { ...plan, run: [], recomputed: ['lock'] }
+      })
+    );
+    expect(done.recompute?.recomputed).toEqual(['lock']);
+    expect(canRecompute(done)).toBe(false);
+    expect(
+      applyEvent(view, event({ action: 'hibernate-started' })).recompute
+    ).toBeNull();
+  });
+
+  it('notifies the wake with the offer, and the recompute and its failure', () => {
+    const kernel = 'the kernel of demo.ipynb';
+    const lost = [
+      { name: 'lock', type: '_thread.lock', reason: 'thread or lock' }
+    ];
+    expect(
+      eventNotice(
+        event({
+          action: 'wake',
+          state: 'running',
+          engine: 'dill',
+          lost,
+          recompute: plan
+        }),
+        kernel
+      )?.message
+    ).toBe(
+      'Woke the kernel of demo.ipynb, but 1 variable was lost: lock (_thread.lock: thread or lock). ' +
+        'Recompute them from the Kernel Hibernation panel, or run the cells that define them again.'
+    );
+    expect(
+      eventNotice(
+        event({
+          action: 'wake',
+          state: 'running',
+          engine: 'dill',
+          lost: [],
+          recompute: { ...plan, run: [], recomputed: ['lock'] }
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'success',
+      message: 'Woke the kernel of demo.ipynb, recomputing lock.'
+    });
+    expect(
+      eventNotice(
+        event({
+          action: 'recompute',
+          state: 'running',
+          recompute: { ...plan, recomputed: ['lock'] }
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'success',
+      message: 'Recomputed in the kernel of demo.ipynb: lock.'
+    });
+    expect(
+      eventNotice(
+        event({
+          action: 'recompute-failed',
+          state: 'running',
+          recompute: { ...plan, failed: { cell: 3, error: 'ValueError: boom' } }
+        }),
+        kernel
+      )
+    ).toEqual({
+      type: 'error',
+      message:
+        'Could not recompute in the kernel of demo.ipynb: cell [3] failed: ValueError: boom'
+    });
+  });
+
+  it('a refused recompute says why; a failed one is left to its event', () => {
+    expect(
+      refusalNotice(
+        'recompute',
+        'the kernel of demo.ipynb',
+        409,
+        'nothing-to-recompute',
+        'kernel x has nothing to recompute'
+      )
+    ).toEqual({
+      type: 'warning',
+      message:
+        'Could not recompute the kernel of demo.ipynb: kernel x has nothing to recompute',
+      offerForce: false
+    });
+    expect(
+      refusalNotice(
+        'recompute',
+        'k',
+        500,
+        'recompute-failed',
+        'cell [3] failed'
+      )
     ).toBeNull();
   });
 });
