@@ -245,7 +245,7 @@ async def test_a_gpu_host_missing_a_requirement_hibernates_with_dill_saying_whic
 
 def test_a_failed_dump_of_a_gpu_kernel_says_it_was_its_cuda_state(tmp_path: Path) -> None:
     class FailingCriu:
-        async def dump(self, pid: int, image_dir: Path) -> None:
+        async def dump(self, pid: int, image_dir: Path, sink: Any = None) -> None:
             raise EngineError("criu dump failed (exit 1):\nPAUSE_DEVICES failed with error 3")
 
     kernel = subprocess.Popen(["sleep", "60"])
