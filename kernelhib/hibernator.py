@@ -343,10 +343,10 @@ class KernelHibernator(LoggingConfigurable):
         self._watchdog: subprocess.Popen[bytes] | None = None
         # Kernel id -> the estimated size of its image being written: room already taken.
         self._reserved: dict[str, int] = {}
-        self.recomputer = Recomputer(self.kernel_manager, self.log)
         # Running kernel id -> the chunks of the image it was woken from: kept (from
         # garbage collection) for its next hibernation, which then writes only what changed.
         self._parents: dict[str, set[str]] = {}
+        self.recomputer = Recomputer(self.kernel_manager, self.log)
         metrics.watch(self.kept)
 
     @property
@@ -643,7 +643,7 @@ class KernelHibernator(LoggingConfigurable):
             async with self._using_chunks():
                 lent = _Lent(self, km, self.record(km.kernel_id))
                 meta.update(await engine.write(lent, staging, streamed))
-                if "lost" in meta and self.recompute != "off":  # recompute: plan in the image
+                if "lost" in meta and self.recompute != "off":  # recompute hook: plan in the image
                     meta["recompute"] = await self.recomputer.prepare(
                         km.kernel_id, staging, meta["lost"]
                     )
