@@ -285,7 +285,7 @@ class CriuEngine(Engine):
         (and a dill snapshot beside, if asked and the kernel is between cells)."""
         if self.dill and self.keep_dill_snapshot and not kernel.busy:
             # Its losses matter only if a wake ever falls back to it.
-            await self.dill.save(kernel, staging / DILL_SNAPSHOT)
+            await self.dill.save(kernel, self.snapshot_of(staging))
         return {"freed_bytes": await kernel.checkpoint(self, staging, sink)}
 
     async def wake(self, kernel: Kernel, image: StoredImage) -> Woken:
@@ -295,7 +295,7 @@ class CriuEngine(Engine):
             async with image.signed_copy() as directory:
                 await self._restore(kernel, directory, image)
         except EngineError as exc:
-            snapshot = image.path / DILL_SNAPSHOT
+            snapshot = self.snapshot_of(image.path)
             if self.dill is None or not snapshot.is_dir():
                 raise
             kernel.fell_back(f"CRIU could not restore the kernel: {exc}")
