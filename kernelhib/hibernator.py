@@ -32,15 +32,16 @@ from traitlets.config import LoggingConfigurable
 
 from . import journal, metrics
 from .chunk_store import ChunkedFile, FormatError, StreamedImage
-from .engines.base import ENGINE_CHOICES, Engine, EngineError
+from .engines.base import ENGINE_CHOICES, Engine, EngineError, Settling
 from .engines.criu import CriuEngine
 from .engines.criu_service import CriuService
 from .engines.criu_stream import ImageSink, ImageSource
 from .engines.dill import DillEngine
+from .engines.lazy_pages import PageSource
 from .idle import IdleWatcher
 from .image_store import Image, ImageError, ImageStore
 from .journal import server_id
-from .kernel_process import gpu_memory, process_start
+from .kernel_process import HELPER_VAR, KERNEL_ID_VAR, gpu_memory, process_start
 from .paths import default_image_dir
 from .provisioner import HibernatingProvisioner
 from .recomputer import MODES as RECOMPUTE_MODES
@@ -158,6 +159,7 @@ class Hibernation:
     # subscription is live again before it forwards messages.
     epoch: int = 0
     waking: asyncio.Future[None] | None = None
+    fetching: bool = False  # running, woken lazily: its memory is still coming in
 
     def settle(self, image: Image) -> None:
         """Take the facts of a committed image: the kernel is now hibernated in it."""
@@ -195,6 +197,8 @@ class Hibernation:
             model["recompute"] = self.recompute
         if self.error:
             model["error"] = self.error
+        if self.fetching:
+            model["fetching"] = True
         return model
 
 
@@ -291,6 +295,15 @@ class KernelHibernator(LoggingConfigurable):
         "format wake. Not with kernelhib-criud, whose images are plain files.",
     )
 
+    lazy_wake = Bool(
+        True,
+        config=True,
+        help="Wake CRIU kernels of chunked images lazily: the kernel answers before its "
+        "memory is back, and the rest streams in behind, each page verified before the "
+        "kernel gets it. The image is kept until all of it is in. Needs userfaultfd "
+        "(criu check --feature uffd-noncoop); kernels are woken in full where it is missing.",
+    )
+
     snapshot_timeout = Float(
         600,
         config=True,
@@ -332,7 +345,11 @@ class KernelHibernator(LoggingConfigurable):
         self._records: dict[str, Hibernation] = {}
         self._dill = DillEngine(self.snapshot_timeout)
         self._criu = CriuEngine(
-            self.criu_path, CriuService(parent=self).socket, self._dill, self.keep_dill_snapshot
+            self.criu_path,
+            CriuService(parent=self).socket,
+            self._dill,
+            self.keep_dill_snapshot,
+            lazy=self.lazy_wake,
         )
         self._store: ImageStore | None = None
         self.idle = IdleWatcher(self)
@@ -343,6 +360,8 @@ class KernelHibernator(LoggingConfigurable):
         self._watchdog: subprocess.Popen[bytes] | None = None
         # Kernel id -> the estimated size of its image being written: room already taken.
         self._reserved: dict[str, int] = {}
+        # Kernel id -> the end of its lazy wake: its memory coming in, then its image retired.
+        self._settling: dict[str, asyncio.Future[None]] = {}
         # Running kernel id -> the chunks of the image it was woken from: kept (from
         # garbage collection) for its next hibernation, which then writes only what changed.
         self._parents: dict[str, set[str]] = {}
@@ -362,7 +381,7 @@ class KernelHibernator(LoggingConfigurable):
         """The ``hibernation`` object of a kernel's REST model; None while it simply runs."""
         record = self._records.get(kernel_id)
         if record is None or (
-            record.state == "running" and not record.error and not record.recompute
+            record.state == "running" and not (record.error or record.recompute or record.fetching)
         ):
             return None
         return record.model()
@@ -489,6 +508,9 @@ class KernelHibernator(LoggingConfigurable):
         """Write the kernel's image and end its process; return the hibernation model."""
         self._kernel(kernel_id)
         async with self.operation(kernel_id, Operation.HIBERNATE):
+            if (settling := self._settling.get(kernel_id)) is not None:
+                # CRIU cannot dump memory that is not back yet.
+                await asyncio.shield(settling)
             try:
                 return await self._hibernate(kernel_id, engine, force)
             finally:
@@ -640,7 +662,7 @@ class KernelHibernator(LoggingConfigurable):
             if pid := _pid(km):  # before CRIU's CUDA plugin or the kernel's end frees it
                 meta["gpu_freed_bytes"] = await asyncio.to_thread(gpu_memory, pid)
             # The chunks it stores or finds are referenced by no image until the commit.
-            async with self._using_chunks():
+            async with _holding_chunks(self.store):
                 lent = _Lent(self, km, self.record(km.kernel_id))
                 meta.update(await engine.write(lent, staging, streamed))
                 if "lost" in meta and self.recompute != "off":  # recompute hook: plan in the image
@@ -711,6 +733,7 @@ class KernelHibernator(LoggingConfigurable):
         km = self._kernel(kernel_id)
         record.state, started = "waking", time.monotonic()
         self._emit("wake-started", kernel_id, record)
+        settling: Settling | None = None
         try:
             # Until the wake ends, a process restored from the image is unverified:
             # if the server dies, it is ended and the image stays.
@@ -721,21 +744,18 @@ class KernelHibernator(LoggingConfigurable):
             engine = self._engine_named(image.manifest.get("engine"))
             async with self._lend(image, engine) as lent:
                 woken = await engine.wake(_Lent(self, km, record), lent)
+                settling = woken.settling
                 # Before the chunks are let go of: no collection can come between.
                 self._parents[kernel_id] = lent.digests()
             record.lost = woken.lost
             if record.lost and self.recompute != "off":  # recompute hook: offer or run
                 await self._recompute_at_wake(km, image, record)
-            try:
-                # The process is the kernel now, then the image is gone for good,
-                # before the wake is reported: whenever the server dies, or the
-                # power fails, one of the two is there, never both, never neither.
-                await self._journal(km, journal.RUNNING)
-                retired = await asyncio.to_thread(self.store.retire, kernel_id)
-            except BaseException:
-                await self._end_process(km)
-                raise
+            if settling is None:
+                retired = await self._commit_wake(km)
         except (Exception, asyncio.CancelledError) as exc:
+            if settling is not None:
+                await settling.cancel()
+                await self._end_process(km)
             await asyncio.to_thread(self.store.journal.remove, kernel_id)
             self._parents.pop(kernel_id, None)  # the image itself is kept
             record.state = "hibernated"
@@ -755,7 +775,8 @@ class KernelHibernator(LoggingConfigurable):
         )
         km.reason = ""
         km.last_activity = datetime.now(timezone.utc)  # the idle timeout starts over
-        km.start_restarter()
+        if settling is None:  # else once all its memory is in: it must not restart before
+            km.start_restarter()
         if woken.restarted and km._restarter is not None:
             # A new process: tell connected front ends, as an auto-restart does.
             km._restarter._fire_callbacks("restart")
@@ -765,10 +786,73 @@ class KernelHibernator(LoggingConfigurable):
         self.count_running()
         self._ended(Operation.WAKE, kernel_id, record, record.engine, started)
         # Running again: a new record, so that nothing of this image shows any more.
-        self._records[kernel_id] = Hibernation(epoch=record.epoch + 1, recompute=record.recompute)
+        self._records[kernel_id] = Hibernation(
+            epoch=record.epoch + 1, recompute=record.recompute, fetching=settling is not None
+        )
+        if settling is not None:
+            self._settling[kernel_id] = self._later(self._settle(km, settling, image))
+            return
         # The image holds every secret the kernel had: gone now, but without
         # making the user wait for a multi-GiB delete.
         self._later(self._discard(retired))
+
+    async def _commit_wake(self, km: KernelManager) -> Path:
+        """The process is the kernel now, then the image is gone for good, before the
+        wake is reported: whenever the server dies, or the power fails, one of the two
+        is there, never both, never neither. Returns the retired image, to delete."""
+        try:
+            await self._journal(km, journal.RUNNING)
+            return await asyncio.to_thread(self.store.retire, km.kernel_id)
+        except BaseException:
+            await self._end_process(km)
+            raise
+
+    async def _settle(self, km: KernelManager, settling: Settling, image: Image) -> None:
+        """The end of a lazy wake: once all of the kernel's memory is in and verified,
+        commit the wake. Until then the image is the kernel's only whole copy, and
+        the journal says "waking": if the server dies, the process is ended and the
+        image stays. If the memory does not all come in, the kernel has been ended,
+        and it is hibernated in that image again, with the reason."""
+        kernel_id = km.kernel_id
+        try:
+            seconds = await settling.wait()
+            if (status := await km.provisioner.poll()) is not None:
+                raise EngineError(
+                    f"the kernel ended (status {status}) before all of its memory was back"
+                )
+            retired = await self._commit_wake(km)
+        except (Exception, asyncio.CancelledError) as exc:
+            await settling.cancel()
+            await self._end_process(km)
+            await asyncio.to_thread(self.store.journal.remove, kernel_id)
+            self._parents.pop(kernel_id, None)
+            # Before it shows hibernated, which lets a new wake start a fetch of its own.
+            self._stop_settling(kernel_id)
+            record = self._records[kernel_id] = Hibernation(epoch=self.epoch(kernel_id) + 1)
+            record.settle(image)
+            record.error = (
+                f"the kernel was ended because its memory did not all come back after its "
+                f"wake; the image is kept: {exc}"
+            )
+            km.execution_state, km.reason = "hibernated", record.error
+            self.count_running()
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # shut down or restarted: not a failure to report
+            self.log.error("Kernel %s: %s", kernel_id, record.error)
+            error = HibernationError(record.error, Reason.WAKE_FAILED)
+            self._ended(Operation.WAKE, kernel_id, record, record.engine, None, error)
+            return
+        finally:
+            self._stop_settling(kernel_id)
+        self.record(kernel_id).fetching = False
+        km.start_restarter()
+        self.log.info("Kernel %s: all of its memory is back, after %.1f s", kernel_id, seconds)
+        self._later(self._discard(retired))
+
+    def _stop_settling(self, kernel_id: str) -> None:
+        """Forget the running task's fetch (not a later wake's)."""
+        if self._settling.get(kernel_id) is asyncio.current_task():
+            del self._settling[kernel_id]
 
     async def _discard(self, image: Path | str) -> None:
         """Delete an image, then the chunks that no image refers to any more."""
@@ -795,19 +879,6 @@ class KernelHibernator(LoggingConfigurable):
             self.log.info("Deleted %d chunks no image refers to", removed)
 
     @contextlib.asynccontextmanager
-    async def _using_chunks(self) -> AsyncIterator[None]:
-        """Hold off chunk garbage collection (``ChunkStore.using``); the lock is taken
-        off the event loop, since a collection holds it a while."""
-        using = self.store.chunks.using()
-        entering = asyncio.ensure_future(asyncio.to_thread(using.__enter__))
-        try:
-            await asyncio.shield(entering)
-            yield
-        finally:
-            await entering  # taken even if cancelled meanwhile: then let go of it
-            using.__exit__(None, None, None)
-
-    @contextlib.asynccontextmanager
     async def _lend(self, image: Image, engine: Engine) -> AsyncIterator[_LentImage]:
         """The image, authenticated, for ``engine`` to wake from.
 
@@ -824,18 +895,20 @@ class KernelHibernator(LoggingConfigurable):
         ]
         checked = asyncio.ensure_future(asyncio.to_thread(self.store.verify, image, bulk))
         try:
-            async with self._using_chunks():
+            async with _holding_chunks(self.store):
                 await asyncio.to_thread(self.store.authenticate, image, engine.is_bulk)
                 chunked = self.store.open_chunked(image)
                 yield _LentImage(self.store, image, checked, chunked, engine.is_bulk)
         finally:
             await asyncio.gather(checked, return_exceptions=True)
 
-    def _later(self, work: Any) -> None:
-        """Run ``work`` in the background, holding a reference until it is done."""
+    def _later(self, work: Any) -> asyncio.Future[Any]:
+        """Run ``work`` in the background, holding a reference until it is done (asyncio
+        holds none: a task nobody refers to may be collected in the middle)."""
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _until_responsive(self, km: KernelManager, cell_running: bool = False) -> None:
         """Wait until the kernel answers.
@@ -966,6 +1039,16 @@ class KernelHibernator(LoggingConfigurable):
             self.log.warning(
                 "Adopted kernel %s, running: its server died while hibernating it", km.kernel_id
             )
+
+    async def stop_fetching(self, kernel_id: str) -> None:
+        """End a lazy wake's fetch, and with it the kernel, which is hibernated in its
+        image again: for a shutdown or a restart, within its :meth:`operation`, which
+        then finds the kernel hibernated. A fetch left running would see its kernel's
+        process go, and end the next one."""
+        if (settling := self._settling.get(kernel_id)) is not None:
+            settling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settling
 
     async def forget(self, kernel_id: str) -> None:
         """Forget a kernel being shut down or restarted, and its image if it has one.
@@ -1127,6 +1210,20 @@ async def _client(km: KernelManager) -> AsyncIterator[Any]:
         client.stop_channels()
 
 
+@contextlib.asynccontextmanager
+async def _holding_chunks(store: ImageStore) -> AsyncIterator[None]:
+    """Hold off chunk garbage collection (``ChunkStore.using``); the lock is taken off
+    the event loop, since a collection holds it a while."""
+    using = store.chunks.using()
+    entering = asyncio.ensure_future(asyncio.to_thread(using.__enter__))
+    try:
+        await asyncio.shield(entering)
+        yield
+    finally:
+        await entering  # taken even if cancelled meanwhile: then let go of it
+        using.__exit__(None, None, None)
+
+
 @dataclass
 class _Lent:
     """A kernel lent to its engine (:class:`~kernelhib.engines.base.Kernel`): the
@@ -1153,10 +1250,22 @@ class _Lent:
     ) -> int:
         return await self.km.provisioner.checkpoint(engine, directory, sink)
 
+    @property
+    def contained(self) -> bool:
+        provisioner = self.km.provisioner
+        return isinstance(provisioner, HibernatingProvisioner) and not provisioner.same_pids
+
+    def helper_env(self) -> dict[str, str]:
+        return {KERNEL_ID_VAR: self.km.kernel_id, HELPER_VAR: "lazy-pages"}
+
     async def restore(
-        self, engine: CriuEngine, directory: Path, source: ImageSource | None = None
+        self,
+        engine: CriuEngine,
+        directory: Path,
+        source: ImageSource | None = None,
+        lazy: bool = False,
     ) -> None:
-        await self.km.provisioner.restore(engine, directory, source)
+        await self.km.provisioner.restore(engine, directory, source, lazy)
 
     def resume(self) -> None:
         self.hibernator._resume(self.km)
@@ -1199,6 +1308,12 @@ class _LentImage:
     def digests(self) -> set[str]:
         """The chunks the image's files are made of."""
         return set().union(*(file.digests() for file in self.chunked.values()))
+
+    def held(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return _holding_chunks(self.store)
+
+    def bulk_reader(self, name: str) -> PageSource:
+        return self.chunked[name]
 
     def streamed(self, directory: Path) -> StreamedImage | None:
         if not self.chunked:

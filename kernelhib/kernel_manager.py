@@ -118,6 +118,7 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
     ) -> None:
         # After a hibernation or wake in flight: the kernel and its image go together.
         async with self.hibernator.operation(kernel_id, Operation.SHUTDOWN, wait=True):
+            await self.hibernator.stop_fetching(kernel_id)
             # A hibernated kernel has no process to ask: shut it down at once.
             now = now or self.hibernator.is_hibernated(kernel_id)
             await self.hibernator.forget(kernel_id)
@@ -125,9 +126,12 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
 
     async def _async_restart_kernel(self, kernel_id: str, now: bool = False) -> None:
         async with self.hibernator.operation(kernel_id, Operation.RESTART, wait=True):
+            await self.hibernator.stop_fetching(kernel_id)
             hibernated = self.hibernator.is_hibernated(kernel_id)
             if hibernated:
                 await self.hibernator.forget(kernel_id)
+                # It had no process: the new one must die with its server like any other.
+                await self.hibernator.journal_start(kernel_id)
                 now = True
             await super()._async_restart_kernel(kernel_id, now=now)
             # A fresh namespace: the last wake's recompute offer no longer applies.

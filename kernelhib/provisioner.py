@@ -45,7 +45,7 @@ from .engines.base import EngineError
 from .engines.criu import CriuEngine
 from .engines.criu_service import CriuService, acall
 from .engines.criu_stream import ImageSink, ImageSource
-from .kernel_process import KernelProcess, namespace_init, process_tree
+from .kernel_process import KERNEL_ID_VAR, KernelProcess, namespace_init, process_tree
 from .paths import kernelhib_data_dir, private_dir
 
 # --kill-child: the kernel dies with unshare, so ending either ends both.
@@ -137,7 +137,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             kwargs["cmd"] = [*_UNSHARE, *cmd]
         env = dict(kwargs.get("env") or os.environ)
         env.pop("JPY_PARENT_PID", None)  # the launcher sets it again where it is harmless
-        env["KERNELHIB_KERNEL_ID"] = str(self.kernel_id)
+        env[KERNEL_ID_VAR] = str(self.kernel_id)
         kwargs["env"] = env
         return kwargs
 
@@ -292,11 +292,15 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
             )
 
     async def restore(
-        self, engine: CriuEngine, image_dir: Path, source: ImageSource | None = None
+        self,
+        engine: CriuEngine,
+        image_dir: Path,
+        source: ImageSource | None = None,
+        lazy: bool = False,
     ) -> None:
-        """Bring the kernel back from its image (streamed from ``source`` if given), as
-        our child, in a new pid namespace, or (``same_pids``) at its own pids if none of
-        them is taken.
+        """Bring the kernel back from its image (streamed from ``source`` if given, its
+        memory left to a lazy-pages daemon if ``lazy``), as our child, in a new pid
+        namespace, or (``same_pids``) at its own pids if none of them is taken.
 
         It is left stopped: :meth:`resume` lets it run.
         """
@@ -306,7 +310,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
                 f"a kernel of this GPU host is restored at its own pids (it has no pid "
                 f"namespace): wake it again once they have ended"
             )
-        pid = await engine.restore(image_dir, source)
+        pid = await engine.restore(image_dir, source, lazy)
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid
         self.hibernated = False

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .journal import HIBERNATING, Entry, Journal
-from .kernel_process import process_start, traced
+from .kernel_process import HELPER_VAR, KERNEL_ID_VAR, process_start, traced
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,20 @@ def boot_ticks() -> int:
 
 def kernel_processes(kernel_id: str, started_before: int | None = None) -> list[int]:
     """The processes of a kernel (they carry its id in their environment, as restored
-    ones do too), only those started before ``started_before`` if given."""
-    marker = f"KERNELHIB_KERNEL_ID={kernel_id}".encode()
+    ones do too), only those started before ``started_before`` if given; those that
+    serve its memory (:data:`HELPER_VAR`) last, to be ended last."""
+    marker = f"{KERNEL_ID_VAR}={kernel_id}".encode()
     found = []
     for environ in Path("/proc").glob("[0-9]*/environ"):
         pid = int(environ.parent.name)
         with contextlib.suppress(OSError):
-            if marker in environ.read_bytes().split(b"\0") and (
+            variables = environ.read_bytes().split(b"\0")
+            if marker in variables and (
                 started_before is None or 0 < process_start(pid) < started_before
             ):
-                found.append(pid)
-    return found
+                helper = any(v.startswith(f"{HELPER_VAR}=".encode()) for v in variables)
+                found.append((helper, pid))
+    return [pid for _, pid in sorted(found)]
 
 
 def _signal(pids: Iterable[int], signum: int) -> None:

@@ -167,6 +167,18 @@ async def wait_for_state(api: Api, kernel_id: str, state: str, timeout: float = 
         await asyncio.sleep(0.05)
 
 
+async def wait_until_fetched(api: Api, kernel_id: str, timeout: float = 120) -> dict[str, Any]:
+    """The kernel's model once a lazy wake's memory is all back and its image is gone
+    (at once after any other wake)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (model := await api("GET", "kernels", kernel_id)).get("hibernation", {}).get("fetching"):
+        if loop.time() > deadline:
+            raise HarnessError(f"kernel {kernel_id} never got all of its memory back")
+        await asyncio.sleep(0.05)
+    return model
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

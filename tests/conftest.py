@@ -27,6 +27,7 @@ from kernelhib.testing import start_kernel as start_kernel_with
 # Re-exported: the tests import these from here.
 from kernelhib.testing import summarize as summarize
 from kernelhib.testing import wait_for_state as wait_for_state
+from kernelhib.testing import wait_until_fetched as wait_until_fetched
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 

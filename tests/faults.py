@@ -22,7 +22,10 @@ PAUSES = {
     "verify": ("kernelhib.chunk_store", "ChunkStore", "get", "before"),
     "resume": ("kernelhib.provisioner", "HibernatingProvisioner", "resume", "after"),
     "first reply": ("kernelhib.hibernator", "KernelHibernator", "_until_responsive", "after"),
+    # A lazy wake's fetch, some way into the kernel's memory: the wake may have answered.
+    "fetch": ("kernelhib.engines.lazy_pages", "_ReadAhead", "_read_window", "before"),
 }
+FETCHED_WINDOWS = 8  # MiB the fetch reads before it stops
 FOREVER_S = 3600
 
 
@@ -32,7 +35,11 @@ def install(step: str, marker: str) -> None:
     cls = getattr(importlib.import_module(module), cls_name)
     original = getattr(cls, name)
 
+    windows = iter(range(FETCHED_WINDOWS))
+
     def reached(args: tuple[Any, ...]) -> bool:
+        if name == "_read_window":
+            return next(windows, None) is None
         # ImageStore.verify() also checks an image's small files first: stop at its pages.
         return name != "verify" or any(str(n).startswith("pages-") for n in args[-1])
 

@@ -96,7 +96,7 @@ HIBERNATION_STEPS = {
     "commit": "running",
     "end the process": "hibernated",
 }
-WAKE_STEPS = ("restore", "verify", "resume", "first reply")
+WAKE_STEPS = ("restore", "verify", "resume", "first reply", "fetch")
 
 
 @pytest.mark.parametrize(

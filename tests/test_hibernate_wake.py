@@ -13,7 +13,14 @@ import pytest
 
 from kernelhib.kernel_process import available_memory
 
-from .conftest import alter_chunk, image_path, page_chunk, summarize, wait_for_state
+from .conftest import (
+    alter_chunk,
+    image_path,
+    page_chunk,
+    summarize,
+    wait_for_state,
+    wait_until_fetched,
+)
 
 pytestmark = pytest.mark.criu
 
@@ -223,6 +230,7 @@ async def test_image_is_private_while_hibernated(
     files = [p for p in image.rglob("*") if p.is_file()]
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
     await api("POST", "kernels", kernel_id, "wake")
+    await wait_until_fetched(api, kernel_id)
     assert not image.exists(), "a woken kernel's image (all its secrets) must be deleted"
 
 

@@ -20,7 +20,7 @@ from kernelhib.hibernator import KernelHibernator
 from kernelhib.provisioner import HibernatingProvisioner
 from kernelhib.recovery import kernel_processes
 
-from .conftest import image_path, wait_for_state
+from .conftest import image_path, wait_for_state, wait_until_fetched
 
 pytestmark = pytest.mark.criu
 
@@ -116,7 +116,7 @@ async def check_consistent(api: Any, jp_serverapp: Any, kernel_id: str) -> str:
             await asyncio.sleep(0.1)
         assert kernel_processes(kernel_id) == []
         return "gone"
-    model = await api("GET", "kernels", kernel_id)
+    model = await wait_until_fetched(api, kernel_id)  # a lazy wake keeps its image till then
     hibernated = model["execution_state"] == "hibernated"
     assert image_path(jp_serverapp, kernel_id).is_dir() == hibernated, model
     assert hibernator.is_hibernated(kernel_id) == hibernated

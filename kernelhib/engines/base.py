@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 if TYPE_CHECKING:
     from .criu import CriuEngine
     from .criu_stream import ImageSink, ImageSource
+    from .lazy_pages import PageSource
 
 # What a request may name: an engine, or "auto" for CRIU where it works, else dill.
 ENGINE_CHOICES = ("auto", "criu", "dill")
@@ -37,12 +38,30 @@ class EngineError(RuntimeError):
     """An engine step failed. The message says which step and why."""
 
 
+class Settling(Protocol):
+    """The rest of a wake that answered before all of its kernel's memory was back
+    (a lazy wake): the memory still streams in behind the kernel's first reply.
+
+    Until :meth:`wait` returns, the image is the kernel's only complete copy.
+    """
+
+    async def wait(self) -> float:
+        """Return the seconds the fetch took, once every byte is in and verified.
+        Otherwise raise EngineError, having ended the kernel first: it must not run
+        on memory that never came."""
+
+    async def cancel(self) -> None:
+        """End the kernel, if the fetch still runs, and release what the fetch holds.
+        Safe at any point, and after :meth:`wait`."""
+
+
 @dataclass(frozen=True)
 class Woken:
     """How a wake went: the hibernator reports it to front ends."""
 
     restarted: bool  # a fresh process: front ends are told, as after a restart
     lost: list[dict[str, str]] = field(default_factory=list)  # what a dill load could not keep
+    settling: Settling | None = None  # a lazy wake: the memory still coming in
 
 
 class Kernel(Protocol):
@@ -61,6 +80,15 @@ class Kernel(Protocol):
     def busy(self) -> bool:
         """Whether a cell runs (a forced hibernation freezes it)."""
 
+    @property
+    def contained(self) -> bool:
+        """Whether all of its processes die with its root (its own pid namespace): a lazy
+        wake ends a kernel whose memory fails verification by killing the root."""
+
+    def helper_env(self) -> dict[str, str]:
+        """The environment for a process that serves the kernel's memory: if the server
+        dies, whoever cleans up after it ends that process only after the kernel."""
+
     def client(self) -> AbstractAsyncContextManager[Any]:
         """A kernel client of the server's, shell and control channels started."""
 
@@ -72,10 +100,15 @@ class Kernel(Protocol):
         the process runs on."""
 
     async def restore(
-        self, engine: CriuEngine, directory: Path, source: ImageSource | None = None
+        self,
+        engine: CriuEngine,
+        directory: Path,
+        source: ImageSource | None = None,
+        lazy: bool = False,
     ) -> None:
         """Have ``engine`` restore the process from ``directory`` (its files streamed
-        from ``source`` if given), left stopped."""
+        from ``source`` if given, its memory left to a lazy-pages daemon if ``lazy``),
+        left stopped."""
 
     def resume(self) -> None:
         """Let the process that :meth:`checkpoint` or :meth:`restore` left stopped run."""
@@ -112,11 +145,20 @@ class StoredImage(Protocol):
         """A fresh directory holding only the image's signed files, removed after use:
         for a reader that opens whatever file it finds there (CRIU)."""
 
+    def held(self) -> AbstractAsyncContextManager[None]:
+        """Keep the image's chunks on disk while the context is held, past the wake's
+        end: a lazy wake's fetch reads them after the kernel answered."""
+
     def streamed(self, directory: Path) -> ImageSource | None:
         """The image's files for a streamed read, the plain ones from its
         :meth:`signed_copy` ``directory`` and the bulk ones from the chunk store, each
         chunk verified before it is handed out; None when its bulk files are plain
         files (format 1), read from ``directory`` and checked by :meth:`verified`."""
+
+    def bulk_reader(self, name: str) -> PageSource:
+        """Random access to one of the image's chunked bulk files (format 2), every read
+        verified: for a reader that wants its pages out of order (a lazy wake).
+        KeyError if the image has no chunked file of that name."""
 
 
 class Engine(ABC):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,9 @@ from .criu_install import CriuBinary, CriuUnavailable, locate_criu, version_text
 from .criu_service import ServiceError, acall, call
 from .criu_stream import ImageSink, ImageSource, Streamer
 from .dill import DillEngine
+from .lazy_pages import LazyPageServer, lazy_pages_unavailable
+
+log = logging.getLogger(__name__)
 
 # One table of options serves both drivers: RPC field name -> command-line flag.
 _COMMON = {
@@ -104,10 +108,13 @@ class _CliDriver:
         streamed = ["--stream"] if stream else []
         self._run("dump", image_dir, _DUMP, ["-t", str(pid), *unprivileged, *streamed], prefix)
 
-    def restore(self, image_dir: Path, stream: bool = False) -> int:
+    def restore(self, image_dir: Path, stream: bool = False, lazy: bool = False) -> int:
+        """``lazy``: the memory is left to the lazy-pages daemon listening in ``image_dir``."""
         pidfile = image_dir / _PIDFILE
         extra = ["--restore-detached", "--pidfile", str(pidfile)]
-        self._run("restore", image_dir, _RESTORE, extra + (["--stream"] if stream else []))
+        extra += ["--stream"] if stream else []
+        extra += list(LazyPageServer.restore_args) if lazy else []
+        self._run("restore", image_dir, _RESTORE, extra)
         return int(pidfile.read_text())
 
 
@@ -160,6 +167,7 @@ class CriuEngine(Engine):
 
     With ``dill``, a wake whose restore fails wakes from the image's dill
     snapshot, if it has one; ``keep_dill_snapshot`` has each image keep one.
+    ``lazy``: wake chunked images lazily where userfaultfd works (docs/lazy-wake.md).
     """
 
     name = "criu"
@@ -172,13 +180,16 @@ class CriuEngine(Engine):
         service: str = "",
         dill: DillEngine | None = None,
         keep_dill_snapshot: bool = False,
+        lazy: bool = True,
     ) -> None:
         self.criu_path = criu_path
         self.service = service
         self.dill = dill
         self.keep_dill_snapshot = keep_dill_snapshot
+        self.lazy = lazy
         self._driver: _CliDriver | _RpcDriver | None = None
         self._dump_lock = asyncio.Lock()
+        self._why_not_lazy: str | None = None  # once asked: "" when a lazy wake can run
 
     def availability(self) -> Availability:
         if self.service:
@@ -214,9 +225,16 @@ class CriuEngine(Engine):
             driver = f"pycriu from {binary.pycriu_dir} (RPC driver)"
         else:
             driver = "pycriu not found: the command-line driver is used, which works as well"
+        if not self.lazy:
+            wakes = "lazy wake off (KernelHibernator.lazy_wake)"
+        elif why_not := self._why_not_lazy_here():
+            wakes = f"kernels are woken in full: {why_not}"
+        else:
+            wakes = "chunked images wake lazily (userfaultfd works)"
         return Availability(
             True,
-            f"CRIU {version_text(binary.version)} at {binary.path}; criu check passed; {driver}",
+            f"CRIU {version_text(binary.version)} at {binary.path}; criu check passed; "
+            f"{driver}; {wakes}",
         )
 
     @property
@@ -290,9 +308,17 @@ class CriuEngine(Engine):
 
     async def wake(self, kernel: Kernel, image: StoredImage) -> Woken:
         """Restore the kernel from the image's signed files, or from its dill snapshot
-        if CRIU cannot and the image keeps one."""
+        if CRIU cannot and the image keeps one.
+
+        A chunked image is woken lazily where it can be: the kernel answers before
+        its memory is back, and the memory streams in behind (``Woken.settling``).
+        """
         try:
-            async with image.signed_copy() as directory:
+            async with contextlib.AsyncExitStack() as held:
+                directory = await held.enter_async_context(image.signed_copy())
+                if await self._can_wake_lazily(kernel, image, directory):
+                    fetch = await self._restore_lazily(kernel, directory, image, held)
+                    return Woken(restarted=False, settling=fetch)
                 await self._restore(kernel, directory, image)
         except EngineError as exc:
             snapshot = self.snapshot_of(image.path)
@@ -317,7 +343,50 @@ class CriuEngine(Engine):
             await kernel.end()
             raise
 
-    async def restore(self, image_dir: Path, source: ImageSource | None = None) -> int:
+    async def _can_wake_lazily(self, kernel: Kernel, image: StoredImage, directory: Path) -> bool:
+        """A lazy wake needs a chunked image (its pages verified chunk by chunk), a
+        kernel that dies with its root, and userfaultfd; not through the service."""
+        if not (self.lazy and not self.service and kernel.contained):
+            return False
+        if image.streamed(directory) is None:
+            return False
+        return not await asyncio.to_thread(self._why_not_lazy_here)
+
+    def _why_not_lazy_here(self) -> str:
+        """Why this machine cannot wake lazily, or "" if it can; asked once. Blocking."""
+        if self._why_not_lazy is None:
+            self._why_not_lazy = lazy_pages_unavailable(self._stream_driver.binary.path) or ""
+            if self._why_not_lazy:
+                log.warning("Kernels are woken in full: %s", self._why_not_lazy)
+        return self._why_not_lazy
+
+    async def _restore_lazily(
+        self, kernel: Kernel, directory: Path, image: StoredImage, held: contextlib.AsyncExitStack
+    ) -> _Fetch:
+        """Restore the kernel with its memory left to a lazy-pages daemon, run it once
+        it is back, and hand what the fetch needs (``held``) over to the fetch."""
+        await held.enter_async_context(image.held())
+        server = LazyPageServer(
+            self._stream_driver.binary.path,
+            directory,
+            image.bulk_reader,
+            env=kernel.helper_env(),
+        )
+        await held.enter_async_context(server)
+        await kernel.restore(self, directory, lazy=True)
+        try:
+            await server.adopt(kernel.pid)
+            await image.verified()
+            kernel.resume()
+            await kernel.until_responsive()
+        except BaseException:
+            await kernel.end()
+            raise
+        return _Fetch(server, held.pop_all())
+
+    async def restore(
+        self, image_dir: Path, source: ImageSource | None = None, lazy: bool = False
+    ) -> int:
         """Restore the tree from ``image_dir``, or streamed from ``source``, as our child,
         stopped; return its host pid.
 
@@ -329,6 +398,8 @@ class CriuEngine(Engine):
         if self.service:
             answer = await acall(self.service, "restore", image=_service_image(image_dir))
             return int(answer["pid"])
+        if lazy:
+            return await asyncio.to_thread(self._stream_driver.restore, image_dir, lazy=True)
         if source is None:
             return await asyncio.to_thread(self.driver.restore, image_dir)
         driver = self._stream_driver
@@ -344,6 +415,26 @@ class CriuEngine(Engine):
         if self.service and (image_dir / SERVICE_IMAGE).is_file():
             with contextlib.suppress(ServiceError, OSError, ValueError, KeyError):
                 call(self.service, "discard", image=_service_image(image_dir))
+
+
+class _Fetch:
+    """The rest of a lazy wake (:class:`~kernelhib.engines.base.Settling`): the
+    daemon fetching the kernel's memory, and what it reads (the image's restore
+    directory, its chunks held off collection), released once it is done."""
+
+    def __init__(self, server: LazyPageServer, held: contextlib.AsyncExitStack) -> None:
+        self.server = server
+        self.held = held
+
+    async def wait(self) -> float:
+        try:
+            stats = await self.server.wait()
+        finally:
+            await self.cancel()
+        return stats.drained if stats.drained is not None else stats.elapsed()
+
+    async def cancel(self) -> None:
+        await asyncio.shield(self.held.aclose())
 
 
 def _streaming(streamer: Streamer, run: Callable[[], _T]) -> _T:

@@ -57,6 +57,7 @@ from typing import Protocol
 
 import blake3
 
+from ..kernel_process import process_tree
 from .base import EngineError
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -80,6 +81,8 @@ _SEND_BUFFER = 8 << 20
 EAGER_BUDGET = 64 << 20
 # Threads that read and verify ahead of the fetch: one reads while another hashes.
 READ_THREADS = 2
+# How long a killed kernel may take to die before its daemon is let go all the same.
+KILL_WAIT_S = 2.0
 
 
 class PageSource(Protocol):
@@ -469,8 +472,10 @@ class LazyPageServer:
         image_dir: Path,
         open_pages: Callable[[str], PageSource],
         eager_budget: int = EAGER_BUDGET,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.criu = str(criu)
+        self.env = env or {}
         self.eager_budget = eager_budget
         self.image_dir = image_dir
         self.open_pages = open_pages
@@ -485,6 +490,7 @@ class LazyPageServer:
         self._thread: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None
         self._pidfd: int | None = None
+        self._root = 0
         self._lock = threading.Lock()
 
     async def __aenter__(self) -> LazyPageServer:
@@ -518,12 +524,16 @@ class LazyPageServer:
         try:
             # criu lazy-pages writes one byte to --status-fd once it listens on
             # lazy-pages.socket (replacing a stale one): the restore must not
-            # start before, or it finds no socket, or an old one.
+            # start before, or it finds no socket, or an old one. The daemon also
+            # holds our end, unused: if we die, it sees no hangup and keeps the
+            # kernel waiting on its faults, rather than letting Linux fill them
+            # with zeros, until our cleanup kills the kernel, then the daemon.
             self._daemon = await asyncio.create_subprocess_exec(
                 self.criu, "lazy-pages", "-D", str(self.image_dir), "-o", LAZY_LOG, "-v2",
                 "--page-server", "--ps-socket", str(theirs.fileno()),
                 "--status-fd", str(ready_w),
-                pass_fds=(theirs.fileno(), ready_w),
+                pass_fds=(theirs.fileno(), ready_w, self._sock.fileno()),
+                env={**os.environ, **self.env},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
@@ -548,6 +558,7 @@ class LazyPageServer:
     async def adopt(self, pid: int) -> None:
         """The restored root, to kill if a page fails verification (now, if one has)."""
         self._pidfd = os.pidfd_open(pid)
+        self._root = pid
         if self.error is not None:
             await asyncio.to_thread(self._fail, self.error)
 
@@ -566,7 +577,9 @@ class LazyPageServer:
         daemon it would read zeros where its memory was not yet back.
         """
         if self._thread is not None:
-            if self._thread.is_alive():
+            # Not whether the thread still runs: it may be on its way out after the
+            # daemon said it is done, and the kernel must not be killed then.
+            if self.stats.drained is None and self.error is None:
                 error = LazyPageError("the lazy wake was closed before all memory was in")
                 await asyncio.to_thread(self._fail, error)
                 if self._pidfd is None:  # no restored kernel was adopted: none to protect
@@ -649,11 +662,19 @@ class LazyPageServer:
                 self.error = error
             if self._pidfd is None:
                 return  # adopt() ends it
+            # Its children too: they die with the init of their pid namespace, but
+            # only once it has exited, and they have lazy memory of their own.
+            for pid in process_tree(self._root)[1:]:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            # Readable once it has exited with every thread (and, as the init of
-            # its pid namespace, every process in it): only then may the daemon go.
-            select.select([self._pidfd], [], [])
+            # Readable once it has exited with every thread (and, as the init of its
+            # pid namespace, every process in it): only then may the daemon go. A
+            # task that faulted inside a system call may wait for its page without
+            # heeding the SIGKILL: then the daemon must go first, and the task dies
+            # at its way out of the kernel, before any more of its code runs.
+            select.select([self._pidfd], [], [], KILL_WAIT_S)
             self._hang_up()
 
     def _hang_up(self) -> None:
