@@ -102,7 +102,12 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
 
     model = await api("POST", "kernels", kernel_id, "wake")
     assert model["execution_state"] != "hibernated"
+    # Woken lazily: it answers while its memory still comes in, the image kept till then.
+    assert model["hibernation"] == {"state": "running", "fetching": True}
+    assert image_path(jp_serverapp, kernel_id).is_dir()
+    model = await wait_until_fetched(api, kernel_id)
     assert "hibernation" not in model
+    assert not image_path(jp_serverapp, kernel_id).exists()
 
     after = await channel.execute(
         "(double(21), numbers, point.x + point.y, float(big.sum()) == big_sum, "
@@ -326,6 +331,7 @@ async def test_an_image_stores_its_pages_as_chunks_and_wakes_verified(
 ) -> None:
     kernel_id, channel = await start_kernel()
     await channel.execute("import numpy as np; data = np.random.default_rng(1).random(1 << 21)")
+    await wait_for_state(api, kernel_id, "idle")  # its server may not have seen the reply yet
     await api("POST", "kernels", kernel_id, "hibernate")
     image = image_path(jp_serverapp, kernel_id)
     manifest = json.loads((image / "manifest.json").read_text())
