@@ -296,12 +296,13 @@ class KernelHibernator(LoggingConfigurable):
     )
 
     lazy_wake = Bool(
-        True,
+        False,
         config=True,
         help="Wake CRIU kernels of chunked images lazily: the kernel answers before its "
         "memory is back, and the rest streams in behind, each page verified before the "
         "kernel gets it. The image is kept until all of it is in. Needs userfaultfd "
-        "(criu check --feature uffd-noncoop); kernels are woken in full where it is missing.",
+        "(criu check --feature uffd-noncoop). Off by default: with CRIU 4.2.1, lazy "
+        "restores of kernels of 2 GiB and more were seen to stall (docs/lazy-wake.md).",
     )
 
     snapshot_timeout = Float(

@@ -57,11 +57,13 @@ def pages_written(server: ServerProcess, size: int = 64 << 20) -> bool:
 
 
 def use_faults(config_dir: Path, step: str, marker: Path) -> None:
-    """Have the next server started with this config stop at ``step``."""
+    """Have the next server started with this config stop at ``step`` (a lazy wake's
+    fetch: with lazy wakes on)."""
     config_dir.mkdir(parents=True, exist_ok=True)
+    lazy = "c.KernelHibernator.lazy_wake = True\n" if step == "fetch" else ""
     (config_dir / "jupyter_server_config.py").write_text(
         f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-        f"import faults\nfaults.install({step!r}, {str(marker)!r})\n"
+        f"import faults\nfaults.install({step!r}, {str(marker)!r})\n{lazy}"
     )
 
 

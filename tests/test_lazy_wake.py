@@ -34,6 +34,11 @@ DATA = (
 WINDOW_DELAY_S = 0.1  # per MiB window of the background fetch: about 5 s for the data
 
 
+@pytest.fixture
+def hibernator_config() -> dict[str, Any]:
+    return {"lazy_wake": True}
+
+
 def helpers(kernel_id: str) -> list[int]:
     """The processes serving the kernel its memory (the lazy-pages daemon)."""
     return [

@@ -180,7 +180,7 @@ class CriuEngine(Engine):
         service: str = "",
         dill: DillEngine | None = None,
         keep_dill_snapshot: bool = False,
-        lazy: bool = True,
+        lazy: bool = False,
     ) -> None:
         self.criu_path = criu_path
         self.service = service

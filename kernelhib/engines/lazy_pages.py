@@ -661,7 +661,10 @@ class LazyPageServer:
             if self.error is None:
                 self.error = error
             if self._pidfd is None:
-                return  # adopt() ends it
+                # Still restoring, and stopped: without the daemon the restore fails and
+                # CRIU ends what it restored. Left waiting for a page, it would hang.
+                self._hang_up()
+                return
             # Its children too: they die with the init of their pid namespace, but
             # only once it has exited, and they have lazy memory of their own.
             for pid in process_tree(self._root)[1:]:
