@@ -335,7 +335,18 @@ class CriuEngine(Engine):
         chunks are each verified before CRIU gets them.
         """
         await kernel.restore(self, directory, image.streamed(directory))
+        await self._run_restored(kernel, image)
+
+    @staticmethod
+    async def _run_restored(
+        kernel: Kernel, image: StoredImage, server: LazyPageServer | None = None
+    ) -> None:
+        """Run the restored kernel once its pages passed their check, until it answers
+        (first handing it to the lazy page server, which must kill it if a page fails);
+        end it if any of that fails."""
         try:
+            if server is not None:
+                await server.adopt(kernel.pid)
             await image.verified()
             kernel.resume()
             await kernel.until_responsive()
@@ -374,14 +385,7 @@ class CriuEngine(Engine):
         )
         await held.enter_async_context(server)
         await kernel.restore(self, directory, lazy=True)
-        try:
-            await server.adopt(kernel.pid)
-            await image.verified()
-            kernel.resume()
-            await kernel.until_responsive()
-        except BaseException:
-            await kernel.end()
-            raise
+        await self._run_restored(kernel, image, server)
         return _Fetch(server, held.pop_all())
 
     async def restore(
