@@ -38,7 +38,9 @@ _COMMON = {
     "file_locks": "--file-locks",
 }
 # Stopped, not killed: the kernel is ended only once the image is verified on disk.
-_DUMP = {**_COMMON, "leave_stopped": "--leave-stopped"}
+# In flight: a connection to one of the kernel's ports not yet accepted (the server's
+# ZMQ reconnecting) would fail the dump; skipped, its peer connects again after the wake.
+_DUMP = {**_COMMON, "leave_stopped": "--leave-stopped", "tcp_skip_in_flight": "--skip-in-flight"}
 # Sibling: the restored kernel becomes our child, so we can reap it, and
 # ipykernel's parent poller sees no change of parent.
 _RESTORE = {**_COMMON, "rst_sibling": "--restore-sibling", "leave_stopped": "--leave-stopped"}
