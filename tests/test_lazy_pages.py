@@ -22,6 +22,7 @@ import pytest
 
 from kernelhib.engines.criu import CriuEngine
 from kernelhib.engines.lazy_pages import (
+    MAX_RUN,
     PAGE_SIZE,
     PE_LAZY,
     PE_PRESENT,
@@ -218,6 +219,19 @@ def test_coalesced_pagemap_merges_only_adjacent_runs_of_equal_flags() -> None:
         (0x15000, 1, PE_PRESENT, 5),
         (0x20000, 1, lazy, 6),
     ]
+
+
+def test_coalesced_runs_stay_under_what_criu_can_buffer() -> None:
+    """CRIU 4.2's daemon failed on a lazy run of 2 GiB (its longest run is an int)."""
+    run = 1 << 20
+    entries = tuple(
+        PagemapEntry(0x10000000 + i * run, run // PAGE_SIZE, PE_PRESENT | PE_LAZY, i * run)
+        for i in range(2048 + 3)
+    )
+    merged = coalesce(Pagemap("pages-1.img", entries))
+    assert max(e.nr_pages for e in merged.entries) * PAGE_SIZE == MAX_RUN
+    assert sum(e.nr_pages for e in merged.entries) == sum(e.nr_pages for e in entries)
+    assert [e.offset for e in merged.entries] == [i * MAX_RUN for i in range(len(merged.entries))]
 
 
 class RecordingPages:

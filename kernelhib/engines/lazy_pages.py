@@ -77,10 +77,18 @@ _PAGEMAP_MAGIC = 0x56084025
 _TASK_PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
 LAZY_LOG = "lazy-pages.log"
 _SEND_BUFFER = 8 << 20
+# The longest run coalesce() makes. CRIU 4.2's lazy-pages daemon keeps the longest
+# lazy run of a task in an int (criu/uffd.c collect_iovs) and sizes its buffer by it:
+# a run of 2 GiB or more made it fail at once (2 GiB) or overflow (4 GiB). Requests
+# stop at 4 MiB anyway (MAX_XFER_LEN), so longer runs gain nothing.
+MAX_RUN = 64 << 20
 # The smallest lazy runs up to this many bytes are restored before the kernel runs.
 EAGER_BUDGET = 64 << 20
 # Threads that read and verify ahead of the fetch: one reads while another hashes.
 READ_THREADS = 2
+# The daemon asks for pages steadily until it is done (it spins between requests):
+# this long without a request, the fetch has stalled, and the wake fails.
+STALL_S = 120.0
 # How long a killed kernel may take to die before its daemon is let go all the same.
 KILL_WAIT_S = 2.0
 
@@ -221,15 +229,16 @@ def encode_pagemap(pagemap: Pagemap, pages_id: int) -> bytes:
     return data
 
 
-def coalesce(pagemap: Pagemap) -> Pagemap:
+def coalesce(pagemap: Pagemap, max_run: int = MAX_RUN) -> Pagemap:
     """The same pages in fewer entries: runs that follow each other with the same
-    flags merged. CRIU writes at most a pipe's worth (1 MiB) per entry, and the
-    lazy-pages daemon never asks for more than one entry at a time: merged, it
-    drains in requests of up to 4 MiB instead of 1 MiB."""
+    flags merged, up to ``max_run`` bytes each. CRIU writes at most a pipe's worth
+    (1 MiB) per entry, and the lazy-pages daemon never asks for more than one entry
+    at a time: merged, it drains in requests of up to 4 MiB instead of 1 MiB."""
     merged: list[PagemapEntry] = []
     for entry in pagemap.entries:
         last = merged[-1] if merged else None
-        if last and last.end == entry.vaddr and last.flags == entry.flags:
+        fits = last is not None and (last.nr_pages + entry.nr_pages) * PAGE_SIZE <= max_run
+        if last and fits and last.end == entry.vaddr and last.flags == entry.flags:
             merged[-1] = dataclasses.replace(last, nr_pages=last.nr_pages + entry.nr_pages)
         else:
             merged.append(entry)
@@ -626,6 +635,7 @@ class LazyPageServer:
         """The daemon's requests, one at a time, until it is done or a page fails."""
         assert self._sock is not None
         sock = self._sock
+        sock.settimeout(STALL_S)
         try:
             while True:
                 header = _recv_exact(sock, _PSI.size)
@@ -649,6 +659,13 @@ class LazyPageServer:
                 self.stats.bytes_sent += count * PAGE_SIZE
         except LazyPageError as exc:
             self._fail(exc)
+        except TimeoutError:
+            self._fail(
+                LazyPageError(
+                    f"criu lazy-pages asked for no page in {STALL_S:.0f} s: the fetch stalled\n"
+                    + self._log_tail()
+                )
+            )
         except Exception as exc:  # a source's own verification error, a broken socket
             self._fail(LazyPageError(f"serving a page failed: {exc}"))
         finally:
