@@ -296,13 +296,14 @@ class KernelHibernator(LoggingConfigurable):
     )
 
     lazy_wake = Bool(
-        False,
+        True,
         config=True,
         help="Wake CRIU kernels of chunked images lazily: the kernel answers before its "
         "memory is back, and the rest streams in behind, each page verified before the "
         "kernel gets it. The image is kept until all of it is in. Needs userfaultfd "
-        "(criu check --feature uffd-noncoop). Off by default: with CRIU 4.2.1, lazy "
-        "restores of kernels of 2 GiB and more were seen to stall (docs/lazy-wake.md).",
+        "(criu check --feature uffd-noncoop); where it fails, kernels are woken in full. "
+        "False: always wake in full, which brings all memory back sooner but answers "
+        "only once all of it is in (docs/lazy-wake.md).",
     )
 
     snapshot_timeout = Float(
@@ -388,8 +389,11 @@ class KernelHibernator(LoggingConfigurable):
         return record.model()
 
     def kept(self) -> list[Hibernation]:
-        """The kernels whose images are in the store: hibernated, or being woken."""
-        return [r for r in self._records.values() if r.state in ("hibernated", "waking")]
+        """The kernels whose images are in the store: hibernated, being woken, or
+        woken lazily with their memory still coming in from the image."""
+        return [
+            r for r in self._records.values() if r.state in ("hibernated", "waking") or r.fetching
+        ]
 
     def count_running(self) -> None:
         """Set jupyter_server's running-kernel gauge: the kernels that have a process."""
@@ -787,8 +791,13 @@ class KernelHibernator(LoggingConfigurable):
         self.count_running()
         self._ended(Operation.WAKE, kernel_id, record, record.engine, started)
         # Running again: a new record, so that nothing of this image shows any more.
+        fetching = settling is not None
         self._records[kernel_id] = Hibernation(
-            epoch=record.epoch + 1, recompute=record.recompute, fetching=settling is not None
+            epoch=record.epoch + 1,
+            recompute=record.recompute,
+            fetching=fetching,
+            # Its image stays, and counts against max_image_bytes, until the memory is in.
+            image_bytes=record.image_bytes if fetching else 0,
         )
         if settling is not None:
             self._settling[kernel_id] = self._later(self._settle(km, settling, image))
@@ -823,8 +832,7 @@ class KernelHibernator(LoggingConfigurable):
                 )
             retired = await self._commit_wake(km)
         except (Exception, asyncio.CancelledError) as exc:
-            await settling.cancel()
-            await self._end_process(km)
+            await self._end_process(km)  # (the fetch has released what it held)
             await asyncio.to_thread(self.store.journal.remove, kernel_id)
             self._parents.pop(kernel_id, None)
             # Before it shows hibernated, which lets a new wake start a fetch of its own.
@@ -845,7 +853,8 @@ class KernelHibernator(LoggingConfigurable):
             return
         finally:
             self._stop_settling(kernel_id)
-        self.record(kernel_id).fetching = False
+        record = self.record(kernel_id)
+        record.fetching, record.image_bytes = False, 0
         km.start_restarter()
         self.log.info("Kernel %s: all of its memory is back, after %.1f s", kernel_id, seconds)
         self._later(self._discard(retired))

@@ -56,14 +56,14 @@ def pages_written(server: ServerProcess, size: int = 64 << 20) -> bool:
     return sum(p.stat().st_size for p in chunks if p.is_file()) >= size
 
 
-def use_faults(config_dir: Path, step: str, marker: Path) -> None:
-    """Have the next server started with this config stop at ``step`` (a lazy wake's
-    fetch: with lazy wakes on)."""
+def use_faults(config_dir: Path, step: str, marker: Path, lazy: bool = True) -> None:
+    """Have the next server started with this config stop at ``step``; ``lazy``:
+    whether it wakes lazily, as by default (else in full)."""
     config_dir.mkdir(parents=True, exist_ok=True)
-    lazy = "c.KernelHibernator.lazy_wake = True\n" if step == "fetch" else ""
     (config_dir / "jupyter_server_config.py").write_text(
         f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-        f"import faults\nfaults.install({step!r}, {str(marker)!r})\n{lazy}"
+        f"import faults\nfaults.install({step!r}, {str(marker)!r})\n"
+        f"c.KernelHibernator.lazy_wake = {lazy}\n"
     )
 
 
@@ -98,21 +98,24 @@ HIBERNATION_STEPS = {
     "commit": "running",
     "end the process": "hibernated",
 }
-WAKE_STEPS = ("restore", "verify", "resume", "first reply", "fetch")
+WAKE_STEPS = ("restore", "verify", "resume", "first reply", "fetch")  # a lazy wake's
+FULL_WAKE_STEPS = ("verify", "first reply")  # a full wake's: the pages streamed to CRIU
 
 
 @pytest.mark.parametrize(
-    ("step", "waking"),
-    [(step, False) for step in HIBERNATION_STEPS] + [(step, True) for step in WAKE_STEPS],
+    ("step", "waking", "lazy"),
+    [(step, False, True) for step in HIBERNATION_STEPS]
+    + [(step, True, True) for step in WAKE_STEPS]
+    + [(step, True, False) for step in FULL_WAKE_STEPS],
 )
 async def test_server_killed_at_each_step_loses_no_kernel(
-    step: str, waking: bool, launch_server: Any, tmp_path: Path
+    step: str, waking: bool, lazy: bool, launch_server: Any, tmp_path: Path
 ) -> None:
     config_dir = tmp_path / "jupyter" / "config"
     marker = tmp_path / "reached"
     if step not in ("dump", "page write"):
         # Each of these steps is reached only by the request under test.
-        use_faults(config_dir, step, marker)
+        use_faults(config_dir, step, marker, lazy)
     first = await launch_server()
     model = await first.api("POST", "kernels", body={"name": "python3"}, expect=201)
     kernel_id = model["id"]

@@ -20,6 +20,7 @@ from kernelhib.chunk_store import ChunkStore
 from kernelhib.engines import lazy_pages
 from kernelhib.kernel_process import HELPER_VAR
 from kernelhib.recovery import kernel_processes
+from kernelhib.testing import wait_until_fetched
 
 from .conftest import image_path, wait_for_state
 from .test_crash_safety import until
@@ -34,11 +35,6 @@ DATA = (
     "digest = hashlib.sha256(data).hexdigest()"
 )
 WINDOW_DELAY_S = 0.1  # per MiB window of the background fetch: about 5 s for the data
-
-
-@pytest.fixture
-def hibernator_config() -> dict[str, Any]:
-    return {"lazy_wake": True}
 
 
 def helpers(kernel_id: str) -> list[int]:
@@ -144,6 +140,26 @@ async def test_a_restart_during_the_fetch_starts_afresh(
     assert not image.exists()
     assert "hibernation" not in await api("GET", "kernels", kernel_id)
     assert journal_state(jp_serverapp, kernel_id) == journal.RUNNING
+
+
+async def test_an_image_still_being_fetched_counts_against_max_image_bytes(
+    start_kernel: Any, api: Any, jp_serverapp: Any, slow_fetch: None, monkeypatch: Any
+) -> None:
+    woken, _, _ = await hibernated_with_data(start_kernel, api)
+    other, channel = await start_kernel()
+    await channel.execute("kept = [1, 2, 3]")
+    stored = (await api("GET", "kernels", woken))["hibernation"]["image_bytes"]
+    await api("POST", "kernels", woken, "wake")
+    memory = (await api("GET", "kernels", other))["memory_bytes"]
+    hibernator = jp_serverapp.kernel_manager.hibernator
+    monkeypatch.setattr(hibernator, "max_image_bytes", memory + stored // 2)
+
+    # The woken kernel's image is still on disk while its memory comes in.
+    await api("POST", "kernels", other, "hibernate", expect=507)
+
+    await wait_until_fetched(api, woken)
+    await api("POST", "kernels", other, "hibernate")
+    assert (await channel.execute("kept"))["result"] == "[1, 2, 3]"
 
 
 def late_chunk(image: Path) -> Path:

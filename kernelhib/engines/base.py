@@ -48,11 +48,12 @@ class Settling(Protocol):
     async def wait(self) -> float:
         """Return the seconds the fetch took, once every byte is in and verified.
         Otherwise raise EngineError, having ended the kernel first: it must not run
-        on memory that never came."""
+        on memory that never came. Either way (cancelled too), what the fetch held
+        is released."""
 
     async def cancel(self) -> None:
-        """End the kernel, if the fetch still runs, and release what the fetch holds.
-        Safe at any point, and after :meth:`wait`."""
+        """End the kernel, if the fetch still runs, and release what the fetch holds:
+        for a fetch nobody waits on. Safe at any point, and after :meth:`wait`."""
 
 
 @dataclass(frozen=True)

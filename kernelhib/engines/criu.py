@@ -182,7 +182,7 @@ class CriuEngine(Engine):
         service: str = "",
         dill: DillEngine | None = None,
         keep_dill_snapshot: bool = False,
-        lazy: bool = False,
+        lazy: bool = True,
     ) -> None:
         self.criu_path = criu_path
         self.service = service
