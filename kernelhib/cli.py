@@ -29,7 +29,7 @@ from kernelhib.doctor import (
     format_table,
     gpu_requirements,
     render_table,
-    server_criu_path,
+    server_setting,
 )
 from kernelhib.engines.base import ENGINE_CHOICES
 from kernelhib.engines.criu_install import DEBIAN_SOURCES, CriuUnavailable, install_criu
@@ -170,9 +170,11 @@ def _install_criu(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    setting = Setting(args.criu_path, "--criu-path") if args.criu_path else server_criu_path()
+    setting = (
+        Setting(args.criu_path, "--criu-path") if args.criu_path else server_setting("criu_path")
+    )
     gpu = gpu_requirements()
-    reports = diagnose(setting.value, gpu)
+    reports = diagnose(setting.value, gpu, server_setting("lazy_wake").value)
     if args.json:
         print(json.dumps(as_json(setting, reports, gpu), indent=2))
     else:

@@ -2,7 +2,7 @@
 
 Each engine answers for itself (:meth:`Engine.availability`); a new engine
 gets its row by being added to the list in :func:`diagnose`. The CRIU asked
-about is the one the Jupyter server is configured with: :func:`server_criu_path`
+about is the one the Jupyter server is configured with: :func:`server_setting`
 reads the server's configuration as jupyter_server does.
 """
 
@@ -39,7 +39,6 @@ CONFIG_FILES = (
     f"jupyter_{KernelHibernatorApp.name}_config",
     "jupyter_server_config",
 )
-CRIU_PATH_OPTION = "--KernelHibernator.criu_path"
 
 
 @dataclass(frozen=True)
@@ -49,25 +48,26 @@ class Setting:
     ``problems`` names the configuration the server would skip, or fail on.
     """
 
-    value: str
+    value: Any
     source: str
     problems: tuple[str, ...] = ()
 
 
-def server_criu_path() -> Setting:
-    """``KernelHibernator.criu_path`` as the Jupyter server gets it, and from where.
+def server_setting(name: str) -> Setting:
+    """``KernelHibernator.<name>`` as the Jupyter server gets it, and from where; its
+    default where it is set nowhere.
 
     Config files come from the Jupyter config path, as the server reads them;
     the running server's command line overrides them, and is where JupyterHub's
     spawners put their settings.
     """
-    setting = Setting("", "")
+    setting = Setting(KernelHibernator.class_traits()[name].default_value, "")
     problems: list[str] = []
-    for name in CONFIG_FILES:
+    for file in CONFIG_FILES:
         for directory in reversed(jupyter_config_path()):
             for loader in (
-                PyFileConfigLoader(f"{name}.py", path=directory),
-                JSONFileConfigLoader(f"{name}.json", path=directory),
+                PyFileConfigLoader(f"{file}.py", path=directory),
+                JSONFileConfigLoader(f"{file}.json", path=directory),
             ):
                 try:
                     config = loader.load_config()
@@ -76,14 +76,15 @@ def server_criu_path() -> Setting:
                 except Exception as exc:  # the server logs and skips such a file too
                     problems.append(f"{loader.full_filename} does not load: {exc}")
                     continue
-                if "criu_path" in config.KernelHibernator:
-                    setting = Setting(config.KernelHibernator.criu_path, loader.full_filename)
+                if name in config.KernelHibernator:
+                    setting = Setting(config.KernelHibernator[name], loader.full_filename)
     pid = _server_pid()
     argv = _command_line(pid) if pid else []
+    option = f"--KernelHibernator.{name}"
     options = [
         token
         for index, token in enumerate(argv)
-        if token.startswith(CRIU_PATH_OPTION) or (index and argv[index - 1] == CRIU_PATH_OPTION)
+        if token.startswith(option) or (index and argv[index - 1] == option)
     ]
     if options:
         try:
@@ -92,7 +93,7 @@ def server_criu_path() -> Setting:
             problems.append(f"the command line of the Jupyter server (pid {pid}): {exc}")
         else:
             source = f"the command line of the Jupyter server (pid {pid})"
-            setting = Setting(config.KernelHibernator.criu_path, source)
+            setting = Setting(config.KernelHibernator[name], source)
     return replace(setting, problems=tuple(problems))
 
 
@@ -131,11 +132,11 @@ def gpu_requirements() -> GpuCheckpoint | None:
 
 
 def diagnose(
-    criu_path: str = "", gpu: GpuCheckpoint | None = None
+    criu_path: str = "", gpu: GpuCheckpoint | None = None, lazy_wake: bool = True
 ) -> list[tuple[str, Availability]]:
-    """Each engine's name and whether it works here; ``criu_path`` is the configured CRIU,
-    ``gpu`` :func:`gpu_requirements`'s answer."""
-    engines: list[Engine] = [CriuEngine(criu_path), DillEngine()]
+    """Each engine's name and whether it works here; ``criu_path`` and ``lazy_wake`` are
+    the server's settings, ``gpu`` :func:`gpu_requirements`'s answer."""
+    engines: list[Engine] = [CriuEngine(criu_path, lazy=lazy_wake), DillEngine()]
     reports = [(engine.name, engine.availability()) for engine in engines]
     return [
         (name, _on_gpu_host(report, gpu) if name == CriuEngine.name else report)
