@@ -46,7 +46,7 @@ from typing import Any
 from blake3 import blake3
 
 from kernelhib.disk_io import digest
-from kernelhib.kernel_process import available_memory, proc_fields, process_tree
+from kernelhib.kernel_process import HELPER_VAR, available_memory, proc_fields, process_tree
 from kernelhib.testing import (
     KernelChannel,
     ServerProcess,
@@ -89,14 +89,16 @@ class BenchmarkError(RuntimeError):
 
 def kernel_pids(kernel_id: str, among: Iterable[int] | None = None) -> list[int]:
     """Host pids of the processes of a kernelhib kernel (found by their environment), among
-    ``among`` or all."""
+    ``among`` or all; not those serving it (a lazy wake's page daemon)."""
     needle = f"KERNELHIB_KERNEL_ID={kernel_id}".encode()
     if among is None:
         among = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
     pids = []
     for pid in among:
         with contextlib.suppress(OSError):
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            helper = any(var.startswith(f"{HELPER_VAR}=".encode()) for var in environ)
+            if needle in environ and not helper:
                 pids.append(pid)
     return pids
 
@@ -145,18 +147,15 @@ class MemoryWatch:
         self._thread.start()
 
     def _watch(self) -> None:
-        pids: list[int] = []
         while not self._stop.is_set():
-            pids = pids or kernel_pids(self.kernel_id, self.candidates())
-            memory = private_rss(pids)
+            # Looked for anew each time: a wake's processes come one by one.
+            memory = private_rss(kernel_pids(self.kernel_id, self.candidates()))
             now = time.perf_counter()
             if memory > self.peak:
                 self.peak, self.grew = memory, now
             if memory >= self.target:
                 self.reached_s = now - self.started
                 return
-            if not memory:
-                pids = []  # not started yet, or a new process (the dill engine's wake)
             self._stop.wait(0.01)
 
     def finish(self, still_s: float = 2.0, timeout_s: float = 600) -> dict[str, Any]:

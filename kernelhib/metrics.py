@@ -85,7 +85,8 @@ class _KeptCollector(Collector):
         freed.add_metric(["gpu"], sum(k.gpu_freed_bytes for k in kept))
         images = GaugeMetricFamily(
             "kernelhib_image_bytes",
-            "Bytes of the hibernated kernels' images in the image store",
+            "Bytes of the images in the image store: of the hibernated kernels, and of "
+            "kernels woken lazily whose memory is still coming in from theirs",
             value=sum(k.image_bytes for k in kept),
         )
         yield from (kernels, freed, images)

@@ -102,6 +102,7 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
 
     model = await api("POST", "kernels", kernel_id, "wake")
     assert model["execution_state"] != "hibernated"
+    model = await wait_until_fetched(api, kernel_id)  # a lazy wake: its memory comes in behind
     assert "hibernation" not in model
     assert not image_path(jp_serverapp, kernel_id).exists()
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import image_path, wait_for_state
+from .conftest import image_path
 from .test_server_restart import listed, start_session
 
 pytestmark = pytest.mark.criu
@@ -63,17 +63,15 @@ async def test_a_rehibernation_after_a_small_change_writes_only_what_changed(
     assert result["result"] == "True"
 
 
-async def test_a_second_kernel_with_the_same_imports_writes_few_new_bytes(
+async def test_a_kernel_holding_only_imports_stores_under_a_third_of_its_image(
     start_kernel: Any, api: Any
 ) -> None:
-    imports = "import numpy, pandas, json, asyncio"
-    first, channel = await start_kernel()
-    assert (await channel.execute(imports))["status"] == "ok"
-    second, other = await start_kernel()
-    assert (await other.execute(imports))["status"] == "ok"
-    await api("POST", "kernels", first, "hibernate")
+    """By compression and zero runs. Not by sharing: a second kernel with the same
+    imports shares almost none of its chunks with the first (docs/performance.md)."""
+    kernel_id, channel = await start_kernel()
+    assert (await channel.execute("import numpy, pandas, json, asyncio"))["status"] == "ok"
 
-    model = (await api("POST", "kernels", second, "hibernate"))["hibernation"]
+    model = (await api("POST", "kernels", kernel_id, "hibernate"))["hibernation"]
 
     assert model["image_bytes"] <= 0.3 * model["logical_bytes"], model
 
@@ -113,8 +111,8 @@ async def test_a_woken_kernels_chunks_stay_until_it_hibernates_again_or_goes(
     await api("POST", "kernels", kernel_id, "wake")
     # Another kernel's shutdown collects garbage: the woken kernel's chunks are not.
     other, _ = await start_kernel()
-    await wait_for_state(api, other, "idle")  # not still answering its first requests
-    await api("POST", "kernels", other, "hibernate")
+    # Forced: it may still be answering its first requests (seen busy after idle in CI).
+    await api("POST", "kernels", other, "hibernate", body={"force": True})
     await api("DELETE", "kernels", other, expect=204)
     assert woken_from <= stored(root)
 

@@ -36,6 +36,7 @@ from kernelhib.engines.lazy_pages import (
     encode_pagemap,
     lazy_pages_unavailable,
     parse_pagemap,
+    prepare_pagemaps,
     restore_small_runs_eagerly,
     write_eager_pages,
 )
@@ -221,17 +222,22 @@ def test_coalesced_pagemap_merges_only_adjacent_runs_of_equal_flags() -> None:
     ]
 
 
-def test_coalesced_runs_stay_under_what_criu_can_buffer() -> None:
+def test_long_runs_are_split_under_what_criu_can_buffer(tmp_path: Path) -> None:
     """CRIU 4.2's daemon failed on a lazy run of 2 GiB (its longest run is an int)."""
     run = 1 << 20
     entries = tuple(
         PagemapEntry(0x10000000 + i * run, run // PAGE_SIZE, PE_PRESENT | PE_LAZY, i * run)
         for i in range(2048 + 3)
     )
-    merged = coalesce(Pagemap("pages-1.img", entries))
-    assert max(e.nr_pages for e in merged.entries) * PAGE_SIZE == MAX_RUN
-    assert sum(e.nr_pages for e in merged.entries) == sum(e.nr_pages for e in entries)
-    assert [e.offset for e in merged.entries] == [i * MAX_RUN for i in range(len(merged.entries))]
+    (tmp_path / "pagemap-1.img").write_bytes(encode_pagemap(Pagemap("pages-1.img", entries), 1))
+    prepare_pagemaps(tmp_path, eager_budget=2 * run)
+
+    split = parse_pagemap((tmp_path / "pagemap-1.img").read_bytes())
+    assert max(e.nr_pages for e in split.entries) * PAGE_SIZE == MAX_RUN
+    assert [e.vaddr for e in split.entries] == [0x10000000 + e.offset for e in split.entries]
+    assert split.size == len(entries) * run
+    # Merged first: the whole run is long, so none of it was made eager.
+    assert all(e.flags & PE_LAZY for e in split.entries)
 
 
 class RecordingPages:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from kernelhib.hibernator import EVENT_SCHEMA_ID
+from kernelhib.testing import wait_until_fetched
 
 from .conftest import ServerProcess
 from .test_crash_safety import settled, until, use_faults
@@ -81,6 +82,7 @@ async def test_hibernated_kernels_are_counted_apart_from_running_ones(
     assert hibernated(count, **success) == before(count, **success) + 1
 
     await api("POST", "kernels", second, "wake")
+    await wait_until_fetched(api, second)  # a lazy wake's image stays until then
     woken = await scrape()
     assert (woken.running(), woken.hibernated(), woken("kernelhib_image_bytes")) == (2, 0, 0)
     count = "kernelhib_wake_duration_seconds_count"

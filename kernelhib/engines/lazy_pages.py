@@ -77,8 +77,9 @@ _PAGEMAP_MAGIC = 0x56084025
 _TASK_PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
 LAZY_LOG = "lazy-pages.log"
 _SEND_BUFFER = 8 << 20
-# The longest run coalesce() makes. CRIU 4.2's lazy-pages daemon keeps the longest
-# lazy run of a task in an int (criu/uffd.c collect_iovs) and sizes its buffer by it:
+# The longest run the daemon is given (split_long_runs). CRIU 4.2's lazy-pages daemon
+# keeps the longest lazy run of a task in an int (criu/uffd.c collect_iovs) and sizes
+# its buffer by it:
 # a run of 2 GiB or more made it fail at once (2 GiB) or overflow (4 GiB). Requests
 # stop at 4 MiB anyway (MAX_XFER_LEN), so longer runs gain nothing.
 MAX_RUN = 64 << 20
@@ -229,20 +230,38 @@ def encode_pagemap(pagemap: Pagemap, pages_id: int) -> bytes:
     return data
 
 
-def coalesce(pagemap: Pagemap, max_run: int = MAX_RUN) -> Pagemap:
+def coalesce(pagemap: Pagemap) -> Pagemap:
     """The same pages in fewer entries: runs that follow each other with the same
-    flags merged, up to ``max_run`` bytes each. CRIU writes at most a pipe's worth
-    (1 MiB) per entry, and the lazy-pages daemon never asks for more than one entry
-    at a time: merged, it drains in requests of up to 4 MiB instead of 1 MiB."""
+    flags merged. CRIU writes at most a pipe's worth (1 MiB) per entry, and the
+    lazy-pages daemon never asks for more than one entry at a time: merged, it
+    drains in requests of up to 4 MiB instead of 1 MiB."""
     merged: list[PagemapEntry] = []
     for entry in pagemap.entries:
         last = merged[-1] if merged else None
-        fits = last is not None and (last.nr_pages + entry.nr_pages) * PAGE_SIZE <= max_run
-        if last and fits and last.end == entry.vaddr and last.flags == entry.flags:
+        if last and last.end == entry.vaddr and last.flags == entry.flags:
             merged[-1] = dataclasses.replace(last, nr_pages=last.nr_pages + entry.nr_pages)
         else:
             merged.append(entry)
     return Pagemap(pagemap.pages_name, tuple(merged))
+
+
+def split_long_runs(pagemap: Pagemap, max_run: int = MAX_RUN) -> Pagemap:
+    """The same pages with no entry longer than ``max_run`` bytes: CRIU 4.2's daemon
+    cannot take a lazy run of 2 GiB or more (see ``MAX_RUN``)."""
+    pages = max_run // PAGE_SIZE
+    return Pagemap(
+        pagemap.pages_name,
+        tuple(
+            dataclasses.replace(
+                entry,
+                vaddr=entry.vaddr + start * PAGE_SIZE,
+                nr_pages=min(pages, entry.nr_pages - start),
+                offset=entry.offset + start * PAGE_SIZE,
+            )
+            for entry in pagemap.entries
+            for start in range(0, entry.nr_pages, pages)
+        ),
+    )
 
 
 def restore_small_runs_eagerly(pagemap: Pagemap, budget: int) -> Pagemap:
@@ -277,12 +296,12 @@ def restore_small_runs_eagerly(pagemap: Pagemap, budget: int) -> Pagemap:
 
 def prepare_pagemaps(image_dir: Path, eager_budget: int) -> None:
     """Rewrite each task's pagemap in ``image_dir`` coalesced, its smallest runs made
-    eager. Each is replaced by rename, never written in place: the file may be a
-    link to the stored image."""
+    eager, and then its long runs split (which makes no run eager). Each is replaced
+    by rename, never written in place: the file may be a link to the stored image."""
     for path in image_dir.glob("pagemap-*.img"):
         if _TASK_PAGEMAP.fullmatch(path.name):
             pagemap = coalesce(read_pagemap(path))
-            pagemap = restore_small_runs_eagerly(pagemap, eager_budget)
+            pagemap = split_long_runs(restore_small_runs_eagerly(pagemap, eager_budget))
             pages_id = int(pagemap.pages_name.removeprefix("pages-").removesuffix(".img"))
             temporary = path.with_suffix(".new")
             temporary.write_bytes(encode_pagemap(pagemap, pages_id))
