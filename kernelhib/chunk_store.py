@@ -263,7 +263,7 @@ class ChunkStore:
         self.dir = Path(root) / CHUNKS_DIR
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self.level = level
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cache: OrderedDict[str, bytes | memoryview] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._writing: dict[str, threading.Event] = {}
         self._local = threading.local()  # a compressor per thread: each holds a context
@@ -347,8 +347,9 @@ class ChunkStore:
         tmp.rename(path)
         return 1 + len(body)
 
-    def get(self, digest: str, length: int) -> bytes:
-        """A chunk's bytes, checked against its digest: never hand out unverified bytes."""
+    def get(self, digest: str, length: int) -> bytes | memoryview:
+        """A chunk's bytes, checked against its digest: never hand out unverified bytes.
+        A chunk stored raw comes as a view of what was read (no copy)."""
         if digest == ZERO:
             return bytes(length)
         with self._cache_lock:
@@ -367,7 +368,7 @@ class ChunkStore:
             if stored[:1] == bytes([_ZSTD]):
                 data = zstandard.ZstdDecompressor().decompress(stored[1:], max_output_size=length)
             elif stored[:1] == bytes([_RAW]):
-                data = stored[1:]
+                data = memoryview(stored)[1:]
             else:
                 raise zstandard.ZstdError("unknown chunk header")
         except zstandard.ZstdError as exc:
@@ -548,17 +549,18 @@ class ChunkedFile:
             if digest == ZERO:
                 parts.append(bytes(take))
             else:
-                parts.append(self.store.get(digest, size)[offset - start : offset - start + take])
+                chunk = memoryview(self.store.get(digest, size))
+                parts.append(chunk[offset - start : offset - start + take])
             offset += take
             index += 1
         return b"".join(parts)
 
-    def blocks(self, readahead: int = 4, zero_block: int = 1 << 20) -> Iterator[bytes]:
+    def blocks(self, readahead: int = 4, zero_block: int = 1 << 20) -> Iterator[bytes | memoryview]:
         """The whole file in order, chunk by chunk, each verified, a few read ahead in
         parallel (decompressing and hashing release the GIL). Long zero runs come
         as blocks of at most ``zero_block`` bytes."""
         with ThreadPoolExecutor(readahead, thread_name_prefix="kernelhib-unchunk") as pool:
-            ahead: deque[Future[bytes] | int] = deque()
+            ahead: deque[Future[bytes | memoryview] | int] = deque()
             for digest, length in self.refs:
                 get = self.store.get
                 ahead.append(length if digest == ZERO else pool.submit(get, digest, length))
@@ -568,7 +570,7 @@ class ChunkedFile:
                 yield from _ready(ahead.popleft(), zero_block)
 
 
-def _ready(item: Future[bytes] | int, zero_block: int) -> Iterator[bytes]:
+def _ready(item: Future[bytes | memoryview] | int, zero_block: int) -> Iterator[bytes | memoryview]:
     if isinstance(item, int):
         zeros = bytes(min(item, zero_block))
         while item > 0:
@@ -624,7 +626,7 @@ class StreamedImage:
             for counter, value in vars(writer.stats).items():
                 setattr(self.stats, counter, getattr(self.stats, counter) + value)
 
-    def open(self, name: str) -> Iterable[bytes] | None:
+    def open(self, name: str) -> Iterable[bytes | memoryview] | None:
         """A file's verified bytes, in order; None if the image has none of that name."""
         _plain_name(name)
         if name in self.files:

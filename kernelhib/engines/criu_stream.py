@@ -52,7 +52,7 @@ class ImageSink(Protocol):
 class ImageSource(Protocol):
     """Where a restore's image files come from."""
 
-    def open(self, name: str) -> Iterable[bytes] | None:
+    def open(self, name: str) -> Iterable[bytes | memoryview] | None:
         """The file's bytes in order, each block verified before it is yielded; None
         if the image has no such file (CRIU asks for files that may not exist)."""
 
@@ -215,7 +215,7 @@ class Streamer:
             self.sink.receive(name, stream)
 
     @staticmethod
-    def _send(name: str, blocks: Iterable[bytes], fd: int) -> None:
+    def _send(name: str, blocks: Iterable[bytes | memoryview], fd: int) -> None:
         """Write the file into CRIU's pipe; on a failure, close it: CRIU sees the file
         end early and fails."""
         try:
