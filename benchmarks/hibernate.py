@@ -147,15 +147,18 @@ class MemoryWatch:
         self._thread.start()
 
     def _watch(self) -> None:
+        pids: list[int] = []
         while not self._stop.is_set():
-            # Looked for anew each time: a wake's processes come one by one.
-            memory = private_rss(kernel_pids(self.kernel_id, self.candidates()))
+            pids = pids or kernel_pids(self.kernel_id, self.candidates())
+            memory = private_rss(pids)
             now = time.perf_counter()
             if memory > self.peak:
                 self.peak, self.grew = memory, now
             if memory >= self.target:
                 self.reached_s = now - self.started
                 return
+            if not memory:
+                pids = []  # not started yet, or a new process (the dill engine's wake)
             self._stop.wait(0.01)
 
     def finish(self, still_s: float = 2.0, timeout_s: float = 600) -> dict[str, Any]:
