@@ -85,6 +85,8 @@ _SEND_BUFFER = 8 << 20
 MAX_RUN = 64 << 20
 # The smallest lazy runs up to this many bytes are restored before the kernel runs.
 EAGER_BUDGET = 64 << 20
+# Threads that read and verify the eager pages: the kernel waits for them.
+EAGER_READERS = 4
 # Threads that read and verify ahead of the fetch: one reads while another hashes.
 READ_THREADS = 2
 # The daemon asks for pages steadily until it is done (it spins between requests):
@@ -317,8 +319,8 @@ def write_eager_pages(image_dir: Path, open_pages: Callable[[str], PageSource]) 
     The pages files must not exist yet: one there may be the stored image itself
     (a hard link), and this would write into it.
     """
-    written = 0
     files: dict[str, int] = {}
+    copies: list[tuple[int, PageSource, PagemapEntry]] = []
     try:
         for path in sorted(image_dir.glob("pagemap-*.img")):
             pagemap = read_pagemap(path)
@@ -338,16 +340,23 @@ def write_eager_pages(image_dir: Path, open_pages: Callable[[str], PageSource]) 
                         f"{target} exists: a lazy wake writes the pages it restores eagerly"
                         " itself; give it a restore directory without pages-*.img"
                     ) from None
-            source = open_pages(pagemap.pages_name) if eager else None
-            for entry in eager:
-                assert source is not None
-                data = source.read(entry.offset, entry.nr_pages * PAGE_SIZE)
-                os.pwrite(files[pagemap.pages_name], data, entry.offset)
-                written += len(data)
+            if eager:
+                source = open_pages(pagemap.pages_name)
+                copies += [(files[pagemap.pages_name], source, entry) for entry in eager]
+        # Read in parallel: the disk serves several reads at once, and the kernel waits.
+        with ThreadPoolExecutor(EAGER_READERS, thread_name_prefix="lazy-pages-eager") as pool:
+            return sum(pool.map(_copy_verified, copies))
     finally:
         for fd in files.values():
             os.close(fd)
-    return written
+
+
+def _copy_verified(copy: tuple[int, PageSource, PagemapEntry]) -> int:
+    """Copy one run of pages from its source (which verifies them) into its file."""
+    fd, source, entry = copy
+    data = source.read(entry.offset, entry.nr_pages * PAGE_SIZE)
+    os.pwrite(fd, data, entry.offset)
+    return len(data)
 
 
 def lazy_pages_unavailable(criu: Path | str) -> str | None:
