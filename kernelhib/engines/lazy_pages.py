@@ -79,9 +79,8 @@ LAZY_LOG = "lazy-pages.log"
 _SEND_BUFFER = 8 << 20
 # The longest run the daemon is given (split_long_runs). CRIU 4.2's lazy-pages daemon
 # keeps the longest lazy run of a task in an int (criu/uffd.c collect_iovs) and sizes
-# its buffer by it:
-# a run of 2 GiB or more made it fail at once (2 GiB) or overflow (4 GiB). Requests
-# stop at 4 MiB anyway (MAX_XFER_LEN), so longer runs gain nothing.
+# its buffer by it: a run of 2 GiB made it fail at once, one of 4 GiB overflow its
+# buffer. Its requests stop at 4 MiB anyway (MAX_XFER_LEN): longer runs gain nothing.
 MAX_RUN = 64 << 20
 # The smallest lazy runs up to this many bytes are restored before the kernel runs.
 EAGER_BUDGET = 64 << 20
