@@ -102,7 +102,10 @@ async def test_hibernate_frees_memory_and_wake_keeps_everything(
 
     model = await api("POST", "kernels", kernel_id, "wake")
     assert model["execution_state"] != "hibernated"
-    model = await wait_until_fetched(api, kernel_id)  # a lazy wake: its memory comes in behind
+    # Woken lazily: it answers while its memory still comes in, the image kept till then.
+    assert model["hibernation"] == {"state": "running", "fetching": True}
+    assert image_path(jp_serverapp, kernel_id).is_dir()
+    model = await wait_until_fetched(api, kernel_id)
     assert "hibernation" not in model
     assert not image_path(jp_serverapp, kernel_id).exists()
 
