@@ -380,7 +380,6 @@ class CriuEngine(Engine):
         it is back, and hand what the fetch needs (``held``) over to the fetch."""
         await held.enter_async_context(image.held())
         server = LazyPageServer(
-            self._stream_driver.binary.path,
             directory,
             image.bulk_reader,
             env=kernel.helper_env(),

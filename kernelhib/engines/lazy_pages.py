@@ -2,35 +2,25 @@
 gets has been verified first.
 
 ``criu restore --lazy-pages`` leaves the memory that CRIU may restore lazily
-registered with userfaultfd and hands the descriptors to a ``criu lazy-pages``
-daemon. The daemon answers the kernel's page faults and, once the restore has
-finished, copies in the rest in address order. Here the daemon reads no page
-file: it asks us, over a socketpair it inherits (``--page-server --ps-socket``),
-with CRIU's page-server protocol (criu/page-xfer.c):
+registered with userfaultfd, and hands the descriptors to whatever listens on
+``lazy-pages.socket`` in the image directory. That is :class:`LazyPageServer`,
+not ``criu lazy-pages``: it answers the kernel's page faults and, once the
+restore has finished, copies in the rest, straight from the verified chunks
+(:mod:`.userfaultfd`). CRIU's own daemon would take every page through a socket,
+a second process and two more copies, and it spins between requests.
 
-* request, 32 bytes: ``struct page_server_iov {u32 cmd; u64 nr_pages; u64 vaddr;
-  u64 dst_id}`` with ``cmd = PS_IOV_GET``, ``dst_id`` = the task's pid in the
-  image, ``vaddr`` = the address in the image's pagemap;
-* reply: the same header with ``cmd = PS_IOV_ADD_F | PE_PRESENT << 16`` and
-  ``nr_pages`` at most what was asked, then that many pages. Replies go in
-  request order (the daemon matches them first in, first out);
-* ``PS_IOV_FORCE_CLOSE`` once every task's memory is in (or the tasks are gone);
-  we answer with a zero ``int32`` and the daemon exits.
+The restore still reads the pagemap images, and the pages it restores eagerly,
+from the image directory. Before the restore, each task's pagemap there is
+rewritten (:func:`prepare_pagemaps`): runs merged, and the smallest runs made
+eager, so that the kernel's first reply does not wait on thousands of faults.
+The eager pages (those, stacks, shared memory) are then written there, verified
+(:func:`write_eager_pages`).
 
-A socketpair, not a TCP port: a port on loopback would let any local user ask
-for the kernel's memory. The daemon and the restore still read the pagemap
-images, and the restore the pages it restores eagerly, from the image directory.
-Before the restore, each task's pagemap there is rewritten (:func:`prepare_pagemaps`):
-runs merged, so that the daemon fetches 4 MiB at a time, and the smallest runs
-made eager, so that the kernel's first reply does not wait on thousands of
-one-page faults. The eager pages (those, stacks, shared memory) are then written
-there, verified (:func:`write_eager_pages`).
-
-A page that fails verification is never sent. The daemon would then close its
-userfaultfd, and the kernel would see zero pages where its data was (Linux
-fills missing pages of an unregistered anonymous mapping with zeros), so the
-server kills the restored tree first, waits for it to be gone, and only then
-lets the daemon go.
+A page that fails verification is never copied in. Were the kernel's
+userfaultfds closed, it would see zero pages where its data was (Linux fills
+missing pages of an unregistered anonymous mapping with zeros), so the server
+kills the restored tree first, waits for it to be gone, and only then lets
+them go.
 """
 
 from __future__ import annotations
@@ -40,6 +30,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import re
 import select
@@ -47,6 +38,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,47 +51,50 @@ import blake3
 
 from ..kernel_process import process_tree
 from .base import EngineError
+from .userfaultfd import (
+    EVENT_FORK,
+    EVENT_PAGEFAULT,
+    EVENT_REMAP,
+    EVENT_REMOVE,
+    EVENT_UNMAP,
+    PAGE_SIZE,
+    RESTORE_FINISHED,
+    SOCKET_NAME,
+    Handoff,
+    Retry,
+    Run,
+    Runs,
+    TaskGone,
+    Userfaultfd,
+)
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-# criu/page-xfer.c, criu/include/pagemap.h, criu/include/magic.h (CRIU 4.2).
-_PSI = struct.Struct("<I4xQQQ")  # natural alignment: 4 bytes of padding after cmd
-_PS_IOV_ADD_F = 6
-_PS_IOV_GET = 7
-_PS_IOV_CLOSE = 0x1023
-_PS_IOV_FORCE_CLOSE = 0x1024
-_PS_CMD_BITS = 16
+# criu/include/pagemap.h, criu/include/magic.h (CRIU 4.2).
 PE_PARENT = 1 << 0
 PE_LAZY = 1 << 1
 PE_PRESENT = 1 << 2
 _IMG_COMMON_MAGIC = 0x54564319
 _PAGEMAP_MAGIC = 0x56084025
+_MM_MAGIC = 0x57492820
 _TASK_PAGEMAP = re.compile(r"pagemap-(\d+)\.img")
-LAZY_LOG = "lazy-pages.log"
-_SEND_BUFFER = 8 << 20
-# The longest run the daemon is given (split_long_runs). CRIU 4.2's lazy-pages daemon
-# keeps the longest lazy run of a task in an int (criu/uffd.c collect_iovs) and sizes
-# its buffer by it: a run of 2 GiB made it fail at once, one of 4 GiB overflow its
-# buffer. Its requests stop at 4 MiB anyway (MAX_XFER_LEN): longer runs gain nothing.
-MAX_RUN = 64 << 20
 # The smallest lazy runs up to this many bytes are restored before the kernel runs.
 EAGER_BUDGET = 64 << 20
 # Threads that read and verify the eager pages: the kernel waits for them.
 EAGER_READERS = 4
-# Threads that read and verify ahead of the fetch: one reads while another hashes.
-READ_THREADS = 2
-# The daemon asks for pages steadily until it is done (it spins between requests):
-# this long without a request, the fetch has stalled, and the wake fails.
-STALL_S = 120.0
-# How long a killed kernel may take to die before its daemon is let go all the same.
+# Threads that read and verify ahead of the background copy: one reads while another
+# hashes.
+READ_THREADS = 6
+# A fault is answered with the pages around it, up to this many bytes, aligned.
+FAULT_AROUND = 64 << 10
+# How long a killed kernel may take to die before its memory is let go all the same.
 KILL_WAIT_S = 2.0
 
 
 class PageSource(Protocol):
     """One ``pages-<id>.img`` of an image, read through its verification."""
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Verified bytes; raises if any block in the range fails verification."""
+    def pieces(self, offset: int, length: int) -> list[bytes | memoryview]:
+        """Verified bytes, in pieces (not copied into one); raises if any block in the
+        range fails verification."""
         ...
 
 
@@ -137,7 +132,7 @@ class Pagemap:
 
     def locate(self, vaddr: int, nr_pages: int) -> tuple[int, int]:
         """(offset in the pages file, pages) of the present run starting at ``vaddr``,
-        clipped to its entry; the daemon asks again for the rest."""
+        clipped to its entry."""
         index = bisect.bisect_right(self._starts, vaddr) - 1
         entry = self.entries[index] if index >= 0 else None
         if entry and vaddr < entry.end and entry.flags & PE_PRESENT:
@@ -157,21 +152,27 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(message: bytes) -> dict[int, int]:
-    """The varint fields of a protobuf message (all a pagemap holds); others skipped."""
-    fields: dict[int, int] = {}
+def _walk(message: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """The fields of a protobuf message: varints as ints, embedded messages as bytes;
+    fixed-size ones skipped."""
     pos = 0
     while pos < len(message):
         key, pos = _varint(message, pos)
         wire = key & 7
         if wire == 0:
-            fields[key >> 3], pos = _varint(message, pos)
+            value, pos = _varint(message, pos)
+            yield key >> 3, value
         elif wire == 2:
             length, pos = _varint(message, pos)
+            yield key >> 3, message[pos : pos + length]
             pos += length
         else:
             pos += {1: 8, 5: 4}[wire]
-    return fields
+
+
+def _fields(message: bytes) -> dict[int, int]:
+    """The varint fields of a protobuf message (all a pagemap holds)."""
+    return {number: value for number, value in _walk(message) if isinstance(value, int)}
 
 
 def _messages(data: bytes) -> Iterator[bytes]:
@@ -209,6 +210,31 @@ def read_pagemap(path: Path) -> Pagemap:
     return parse_pagemap(path.read_bytes(), str(path))
 
 
+def read_vma_bounds(path: Path) -> list[int]:
+    """Where the memory areas of a task's ``mm-<pid>.img`` start and end, sorted: a
+    userfaultfd copy cannot cross one (MmEntry.vmas = 14; VmaEntry start = 1,
+    end = 2, images/mm.proto)."""
+    data = path.read_bytes()
+    try:
+        if struct.unpack_from("<II", data) != (_IMG_COMMON_MAGIC, _MM_MAGIC):
+            raise ValueError("not an mm image")
+        bounds = set()
+        for number, vma in _walk(next(_messages(data))):
+            if number == 14 and isinstance(vma, bytes):
+                fields = _fields(vma)
+                bounds |= {fields[1], fields[2]}
+    except (ValueError, KeyError, IndexError, StopIteration, struct.error) as exc:
+        raise LazyPageError(f"{path} is not a readable CRIU mm image ({exc})") from exc
+    return sorted(bounds)
+
+
+def split_at(start: int, end: int, bounds: list[int]) -> list[tuple[int, int]]:
+    """``start``-``end`` cut where it crosses one of ``bounds`` (sorted)."""
+    inside = bounds[bisect.bisect_right(bounds, start) : bisect.bisect_left(bounds, end)]
+    cuts = [start, *inside, end]
+    return list(itertools.pairwise(cuts))
+
+
 def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -233,9 +259,8 @@ def encode_pagemap(pagemap: Pagemap, pages_id: int) -> bytes:
 
 def coalesce(pagemap: Pagemap) -> Pagemap:
     """The same pages in fewer entries: runs that follow each other with the same
-    flags merged. CRIU writes at most a pipe's worth (1 MiB) per entry, and the
-    lazy-pages daemon never asks for more than one entry at a time: merged, it
-    drains in requests of up to 4 MiB instead of 1 MiB."""
+    flags merged. CRIU writes at most a pipe's worth (1 MiB) per entry: merged, a
+    big array is one run, which :func:`restore_small_runs_eagerly` leaves lazy."""
     merged: list[PagemapEntry] = []
     for entry in pagemap.entries:
         last = merged[-1] if merged else None
@@ -246,30 +271,11 @@ def coalesce(pagemap: Pagemap) -> Pagemap:
     return Pagemap(pagemap.pages_name, tuple(merged))
 
 
-def split_long_runs(pagemap: Pagemap, max_run: int = MAX_RUN) -> Pagemap:
-    """The same pages with no entry longer than ``max_run`` bytes: CRIU 4.2's daemon
-    cannot take a lazy run of 2 GiB or more (see ``MAX_RUN``)."""
-    pages = max_run // PAGE_SIZE
-    return Pagemap(
-        pagemap.pages_name,
-        tuple(
-            dataclasses.replace(
-                entry,
-                vaddr=entry.vaddr + start * PAGE_SIZE,
-                nr_pages=min(pages, entry.nr_pages - start),
-                offset=entry.offset + start * PAGE_SIZE,
-            )
-            for entry in pagemap.entries
-            for start in range(0, entry.nr_pages, pages)
-        ),
-    )
-
-
 def restore_small_runs_eagerly(pagemap: Pagemap, budget: int) -> Pagemap:
     """The smallest lazy runs, up to ``budget`` bytes in all, made eager.
 
-    Each page fault is a round trip through the daemon, behind the fetch request
-    in flight: a woken ipykernel faulted about 2,500 pages before its first reply,
+    Each page fault is a round trip through the server, behind the copy in
+    flight: a woken ipykernel faulted about 2,500 pages before its first reply,
     which took 7-12 s. What it needs to answer is the interpreter's own state,
     spread over many small runs; the user's data sits in a few big ones. CRIU
     restores eager pages from the (verified, local) pages file before the kernel
@@ -297,12 +303,12 @@ def restore_small_runs_eagerly(pagemap: Pagemap, budget: int) -> Pagemap:
 
 def prepare_pagemaps(image_dir: Path, eager_budget: int) -> None:
     """Rewrite each task's pagemap in ``image_dir`` coalesced, its smallest runs made
-    eager, and then its long runs split (which makes no run eager). Each is replaced
-    by rename, never written in place: the file may be a link to the stored image."""
+    eager. Each is replaced by rename, never written in place: the file may be a
+    link to the stored image."""
     for path in image_dir.glob("pagemap-*.img"):
         if _TASK_PAGEMAP.fullmatch(path.name):
             pagemap = coalesce(read_pagemap(path))
-            pagemap = split_long_runs(restore_small_runs_eagerly(pagemap, eager_budget))
+            pagemap = restore_small_runs_eagerly(pagemap, eager_budget)
             pages_id = int(pagemap.pages_name.removeprefix("pages-").removesuffix(".img"))
             temporary = path.with_suffix(".new")
             temporary.write_bytes(encode_pagemap(pagemap, pages_id))
@@ -353,9 +359,7 @@ def write_eager_pages(image_dir: Path, open_pages: Callable[[str], PageSource]) 
 def _copy_verified(copy: tuple[int, PageSource, PagemapEntry]) -> int:
     """Copy one run of pages from its source (which verifies them) into its file."""
     fd, source, entry = copy
-    data = source.read(entry.offset, entry.nr_pages * PAGE_SIZE)
-    os.pwrite(fd, data, entry.offset)
-    return len(data)
+    return os.pwritev(fd, source.pieces(entry.offset, entry.nr_pages * PAGE_SIZE), entry.offset)
 
 
 def lazy_pages_unavailable(criu: Path | str) -> str | None:
@@ -394,7 +398,7 @@ class BlockHashedPages:
                 hashes.append(blake3.blake3(block).digest())
         return hashes
 
-    def read(self, offset: int, length: int) -> bytes:
+    def pieces(self, offset: int, length: int) -> list[bytes | memoryview]:
         first, last = offset // self.BLOCK, (offset + length - 1) // self.BLOCK
         data = os.pread(self._fd, (last + 1 - first) * self.BLOCK, first * self.BLOCK)
         for index in range(first, last + 1):
@@ -406,21 +410,21 @@ class BlockHashedPages:
                     f"..{index * self.BLOCK + len(block)}) failed verification"
                 )
         skip = offset - first * self.BLOCK
-        return data[skip : skip + length]
+        return [memoryview(data)[skip : skip + length]]
 
     def close(self) -> None:
         os.close(self._fd)
 
 
 class _ReadAhead:
-    """Verified windows of one pages file. A drain request (more than a page) has
-    a worker read and verify the windows after it, so that the disk and the
-    hashing run while the daemon copies; a fault (one page) gets its whole
-    window, which serves the faults next to it.
+    """Verified windows of one pages file. A background copy has a worker read and
+    verify the windows after it, so that the disk and the hashing run while the
+    pages are copied in; a fault gets its whole window, which serves the faults
+    next to it.
 
-    Only what ``source.read`` returned is kept, so only verified bytes. A window
-    that failed keeps its error, raised when the daemon asks for a page in it:
-    a corrupt block fails the wake only once the kernel needs it.
+    Only what ``source.pieces`` returned is kept, so only verified bytes. A window
+    that failed keeps its error, raised when a page in it is needed: a corrupt
+    block fails the wake only once the kernel needs it.
     """
 
     WINDOW = 1 << 20
@@ -431,13 +435,13 @@ class _ReadAhead:
         self.source = source
         self.size = size
         self.worker = worker
-        self._windows: dict[int, Future[bytes]] = {}
+        self._windows: dict[int, Future[list[bytes | memoryview]]] = {}
 
-    def _read_window(self, index: int) -> bytes:
+    def _read_window(self, index: int) -> list[bytes | memoryview]:
         start = index * self.WINDOW
-        return self.source.read(start, min(self.WINDOW, self.size - start))
+        return self.source.pieces(start, min(self.WINDOW, self.size - start))
 
-    def _window(self, index: int, ahead: bool) -> Future[bytes]:
+    def _window(self, index: int, ahead: bool) -> Future[list[bytes | memoryview]]:
         window = self._windows.get(index)
         if window is None:
             if ahead:
@@ -454,17 +458,23 @@ class _ReadAhead:
                 self._windows.pop(oldest).cancel()
         return window
 
-    def pieces(self, offset: int, length: int) -> list[memoryview]:
-        """The verified bytes at ``offset``, as views into the windows (no copy)."""
+    def pieces(self, offset: int, length: int, ahead: bool) -> list[memoryview]:
+        """The verified bytes at ``offset``, as views of what was read (no copy);
+        ``ahead``: read on after them."""
         first, last = offset // self.WINDOW, (offset + length - 1) // self.WINDOW
         windows = [self._window(index, ahead=False) for index in range(first, last + 1)]
-        if length > PAGE_SIZE:
+        if ahead:
             end = min(last + 1 + self.AHEAD, -(-self.size // self.WINDOW))
             for index in range(last + 1, end):
                 self._window(index, ahead=True)
-        views = [memoryview(window.result()) for window in windows]
-        views[0] = views[0][offset - first * self.WINDOW :]
-        views[-1] = views[-1][: len(views[-1]) - (sum(map(len, views)) - length)]
+        views, skip = [], offset - first * self.WINDOW
+        for window in windows:
+            for piece in window.result():
+                view = memoryview(piece)[skip : skip + length]
+                skip = max(skip - len(piece), 0)
+                if view:
+                    views.append(view)
+                    length -= len(view)
         return views
 
 
@@ -472,45 +482,61 @@ class _ReadAhead:
 class LazyStats:
     """What a lazy wake moved, and when (seconds since the server started)."""
 
-    requests: int = 0
-    bytes_sent: int = 0
-    first_request: float | None = None
-    drained: float | None = None  # the daemon said it is done: all memory in, or tasks gone
+    faults: int = 0
+    bytes_copied: int = 0
+    first_fault: float | None = None
+    drained: float | None = None  # all memory in, or the tasks gone
     started: float = field(default_factory=time.monotonic, repr=False)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
 
+@dataclass
+class _Task:
+    """A restored task (or a child it forked) and the memory it still lacks."""
+
+    pid: int  # in the image: its pagemap's
+    uffd: Userfaultfd
+    runs: Runs
+
+
 class LazyPageServer:
-    """Runs ``criu lazy-pages`` for one restore and serves it verified pages.
+    """Serves one lazy restore its memory, verified, through userfaultfd.
 
     ::
 
-        async with LazyPageServer(criu, restore_dir, open_pages) as server:
+        async with LazyPageServer(restore_dir, open_pages) as server:
             # criu restore -D restore_dir ... *server.restore_args
             await server.adopt(pid)   # the restored root's host pid
             await server.wait()       # all memory in; LazyPageError if a page failed
 
     ``restore_dir`` holds the image without its ``pages-*.img`` (the server
     writes the eagerly restored pages there); ``open_pages(name)`` gives the
-    verified source of each. If a page fails verification, or the wake is
-    closed before all memory is in, the adopted root is SIGKILLed (and with it
-    its pid namespace) before the daemon may let go of its memory. Re-dump the
-    kernel only after ``wait`` returned: pages not yet in are not in its memory.
+    verified source of each. The server listens where ``criu restore
+    --lazy-pages`` looks for its lazy-pages daemon, takes each task's
+    userfaultfd, answers its faults, and copies the rest in, in the background,
+    once the restore has finished. A fault gets the :data:`FAULT_AROUND` bytes
+    around its page: a kernel's first reply faults thousands of pages of its
+    heap, near each other.
+
+    If a page fails verification, or the wake is closed before all memory is
+    in, the adopted root is SIGKILLed (and with it its pid namespace) before
+    anything lets go of its memory. A holder process (``uffd_holder.py``) keeps
+    every userfaultfd open too, so that the server's own death leaves the kernel
+    waiting, never running on zeros. Re-dump the kernel only after ``wait``
+    returned: pages not yet in are not in its memory.
     """
 
     restore_args = ("--lazy-pages",)
 
     def __init__(
         self,
-        criu: Path | str,
         image_dir: Path,
         open_pages: Callable[[str], PageSource],
         eager_budget: int = EAGER_BUDGET,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.criu = str(criu)
         self.env = env or {}
         self.eager_budget = eager_budget
         self.image_dir = image_dir
@@ -521,8 +547,10 @@ class LazyPageServer:
         self._pagemaps: dict[int, Pagemap] = {}
         self._readers: dict[str, _ReadAhead] = {}
         self._worker = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lazy-pages-read")
-        self._sock: socket.socket | None = None
-        self._daemon: asyncio.subprocess.Process | None = None
+        self._listener: socket.socket | None = None
+        self._holder: asyncio.subprocess.Process | None = None
+        self._to_holder: socket.socket | None = None
+        self._stop_r, self._stop_w = -1, -1
         self._thread: threading.Thread | None = None
         self._finished: asyncio.Future[None] | None = None
         self._pidfd: int | None = None
@@ -537,7 +565,7 @@ class LazyPageServer:
         await self.close()
 
     async def start(self) -> None:
-        """Write the eager pages, start the daemon and wait until it listens."""
+        """Write the eager pages, start the holder and listen for the restore."""
         try:
             await self._start()
         except BaseException:
@@ -552,38 +580,21 @@ class LazyPageServer:
             raise
         except Exception as exc:  # a source's own verification error, a full disk
             raise LazyPageError(f"writing the pages restored eagerly failed: {exc}") from exc
-        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Room for a whole 4 MiB reply: the daemon then takes it in a few reads.
-        with contextlib.suppress(OSError):
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-        ready_r, ready_w = os.pipe()
+        self._to_holder, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # criu lazy-pages writes one byte to --status-fd once it listens on
-            # lazy-pages.socket (replacing a stale one): the restore must not
-            # start before, or it finds no socket, or an old one. The daemon also
-            # holds our end, unused: if we die, it sees no hangup and keeps the
-            # kernel waiting on its faults, rather than letting Linux fill them
-            # with zeros, until our cleanup kills the kernel, then the daemon.
-            self._daemon = await asyncio.create_subprocess_exec(
-                self.criu, "lazy-pages", "-D", str(self.image_dir), "-o", LAZY_LOG, "-v2",
-                "--page-server", "--ps-socket", str(theirs.fileno()),
-                "--status-fd", str(ready_w),
-                pass_fds=(theirs.fileno(), ready_w, self._sock.fileno()),
+            self._holder = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-S", str(Path(__file__).with_name("uffd_holder.py")),
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
                 env={**os.environ, **self.env},
+                start_new_session=True,  # not ended by a ^C meant for the server
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
         finally:
             theirs.close()
-            os.close(ready_w)
-        try:
-            ready = await asyncio.to_thread(os.read, ready_r, 1)
-        finally:
-            os.close(ready_r)
-        if not ready:
-            await self._daemon.wait()
-            raise LazyPageError(f"criu lazy-pages did not start:\n{self._log_tail()}")
+        self._listener = await asyncio.to_thread(_listen, self.image_dir / SOCKET_NAME)
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         loop = asyncio.get_running_loop()
         self._finished = loop.create_future()
         self._thread = threading.Thread(
@@ -599,7 +610,7 @@ class LazyPageServer:
             await asyncio.to_thread(self._fail, self.error)
 
     async def wait(self) -> LazyStats:
-        """Return once the daemon is done; raise if a page failed."""
+        """Return once all memory is in (or the tasks are gone); raise if a page failed."""
         assert self._finished is not None, "the server was not started"
         await asyncio.shield(self._finished)
         if self.error:
@@ -607,28 +618,36 @@ class LazyPageServer:
         return self.stats
 
     async def close(self) -> None:
-        """End the daemon and release everything; safe at any point, twice too.
+        """Stop serving and release everything; safe at any point, twice too.
 
-        Closed before all memory is in, the kernel is killed first: without the
-        daemon it would read zeros where its memory was not yet back.
+        Closed before all memory is in, the kernel is killed first: without its
+        memory served it would read zeros where its memory was not yet back.
         """
         if self._thread is not None:
-            # Not whether the thread still runs: it may be on its way out after the
-            # daemon said it is done, and the kernel must not be killed then.
             if self.stats.drained is None and self.error is None:
                 error = LazyPageError("the lazy wake was closed before all memory was in")
                 await asyncio.to_thread(self._fail, error)
-                if self._pidfd is None:  # no restored kernel was adopted: none to protect
-                    self._hang_up()
+            os.write(self._stop_w, b"x")
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-        if self._daemon is not None and self._daemon.returncode is None:
-            if self.error is not None:  # its kernel is gone: nothing left to wait for
-                self._daemon.kill()
-            await self._daemon.wait()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for fd in (self._stop_r, self._stop_w):
+            if fd >= 0:
+                os.close(fd)
+        self._stop_r = self._stop_w = -1
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._to_holder is not None:
+            # The kernel has all its memory, or is dead (or was never adopted): the
+            # holder may let go.
+            with contextlib.suppress(OSError):
+                self._to_holder.sendall(b"r")
+            self._to_holder.close()
+            self._to_holder = None
+        if self._holder is not None:
+            if self._holder.returncode is None:
+                await self._holder.wait()
+            self._holder = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -644,70 +663,175 @@ class LazyPageServer:
             self._sources[name] = self.open_pages(name)
         return self._sources[name]
 
+    def _pagemap(self, pid: int) -> Pagemap:
+        if pid not in self._pagemaps:
+            path = self.image_dir / f"pagemap-{pid}.img"
+            if not _TASK_PAGEMAP.fullmatch(path.name) or not path.is_file():
+                raise LazyPageError(f"the restore handed over task {pid}, not in the image")
+            self._pagemaps[pid] = read_pagemap(path)
+        return self._pagemaps[pid]
+
     def _reader(self, pagemap: Pagemap) -> _ReadAhead:
         name = pagemap.pages_name
         if name not in self._readers:
             self._readers[name] = _ReadAhead(self._source(name), pagemap.size, self._worker)
         return self._readers[name]
 
-    def _pagemap(self, pid: int) -> Pagemap:
-        if pid not in self._pagemaps:
-            path = self.image_dir / f"pagemap-{pid}.img"
-            if not _TASK_PAGEMAP.fullmatch(path.name) or not path.is_file():
-                raise LazyPageError(f"the lazy-pages daemon asked for task {pid}, not in the image")
-            self._pagemaps[pid] = read_pagemap(path)
-        return self._pagemaps[pid]
-
     def _serve(self, loop: asyncio.AbstractEventLoop, finished: asyncio.Future[None]) -> None:
-        """The daemon's requests, one at a time, until it is done or a page fails."""
-        assert self._sock is not None
-        sock = self._sock
-        sock.settimeout(STALL_S)
+        """The restore's hand-over, then every task's faults and events, and the
+        background copy between them, until all memory is in, a page fails, or the
+        server is closed. Owns the userfaultfds it was given."""
+        tasks: dict[int, _Task] = {}
         try:
-            while True:
-                header = _recv_exact(sock, _PSI.size)
-                if header is None:
-                    raise LazyPageError(f"criu lazy-pages hung up:\n{self._log_tail()}")
-                cmd, nr_pages, vaddr, pid = _PSI.unpack(header)
-                if cmd in (_PS_IOV_CLOSE, _PS_IOV_FORCE_CLOSE):
-                    sock.sendall(struct.pack("<i", 0))
-                    self.stats.drained = self.stats.elapsed()
-                    return
-                if cmd != _PS_IOV_GET:
-                    raise LazyPageError(f"criu lazy-pages sent an unknown command {cmd:#x}")
-                if self.stats.first_request is None:
-                    self.stats.first_request = self.stats.elapsed()
-                pagemap = self._pagemap(pid)
-                offset, count = pagemap.locate(vaddr, nr_pages)
-                pages = self._reader(pagemap).pieces(offset, count * PAGE_SIZE)
-                reply = _PSI.pack(_PS_IOV_ADD_F | PE_PRESENT << _PS_CMD_BITS, count, vaddr, pid)
-                _send_all(sock, [memoryview(reply), *pages])
-                self.stats.requests += 1
-                self.stats.bytes_sent += count * PAGE_SIZE
+            self._serving(tasks)
         except LazyPageError as exc:
             self._fail(exc)
-        except TimeoutError:
-            self._fail(
-                LazyPageError(
-                    f"criu lazy-pages asked for no page in {STALL_S:.0f} s: the fetch stalled\n"
-                    + self._log_tail()
-                )
-            )
-        except Exception as exc:  # a source's own verification error, a broken socket
-            self._fail(LazyPageError(f"serving a page failed: {exc}"))
+        except Exception as exc:  # a source's own verification error, an ioctl's
+            self._fail(LazyPageError(f"serving the kernel's memory failed: {exc}"))
         finally:
+            for task in tasks.values():
+                task.uffd.close()
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_resolve, finished)
 
+    def _serving(self, tasks: dict[int, _Task]) -> None:
+        assert self._listener is not None
+        poll = select.poll()
+        poll.register(self._stop_r, select.POLLIN)
+        poll.register(self._listener, select.POLLIN)
+        handoff: Handoff | None = None
+        restored = False
+        try:
+            while True:
+                copying = restored and any(task.runs for task in tasks.values())
+                if restored and not copying:
+                    self.stats.drained = self.stats.elapsed()
+                    return
+                for fd, _ in poll.poll(0 if copying else None):
+                    if fd == self._stop_r:
+                        return
+                    if fd == self._listener.fileno():
+                        poll.unregister(fd)
+                        handoff = Handoff(self._listener.accept()[0])
+                        poll.register(handoff.sock, select.POLLIN)
+                    elif handoff is not None and fd == handoff.sock.fileno():
+                        messages = handoff.read()
+                        if messages is None:
+                            poll.unregister(fd)
+                            if not restored:
+                                raise LazyPageError("the restore ended before it finished")
+                            continue
+                        for pid, uffd in messages:
+                            if pid == RESTORE_FINISHED:
+                                restored = True
+                            elif uffd is not None:
+                                self._add(poll, tasks, pid, Userfaultfd(uffd), None)
+                    elif fd in tasks:
+                        self._events(poll, tasks, tasks[fd])
+                if copying:
+                    self._copy_next(poll, tasks)
+        finally:
+            if handoff is not None:
+                handoff.close()
+
+    def _add(
+        self, poll: select.poll, tasks: dict[int, _Task], pid: int, uffd: Userfaultfd,
+        runs: Runs | None,
+    ) -> None:  # fmt: skip
+        """A task to serve: handed over by the restore (all its lazy runs) or forked
+        (what its parent lacked)."""
+        assert self._to_holder is not None
+        socket.send_fds(self._to_holder, [b"f"], [uffd.fd])
+        if runs is None:
+            bounds = read_vma_bounds(self.image_dir / f"mm-{pid}.img")
+            runs = Runs([
+                Run(start, end, start)
+                for entry in self._pagemap(pid).entries
+                if entry.flags & PE_LAZY and entry.flags & PE_PRESENT
+                for start, end in split_at(entry.vaddr, entry.end, bounds)
+            ])  # fmt: skip
+        tasks[uffd.fd] = _Task(pid, uffd, runs)
+        poll.register(uffd.fd, select.POLLIN)
+
+    def _events(self, poll: select.poll, tasks: dict[int, _Task], task: _Task) -> None:
+        for event in task.uffd.events():
+            try:
+                if event.kind == EVENT_PAGEFAULT:
+                    self._fault(task, event.start)
+                elif event.kind == EVENT_FORK:
+                    self._add(poll, tasks, task.pid, Userfaultfd(event.fd), task.runs.copy())
+                elif event.kind == EVENT_REMAP:
+                    task.runs.move(event.start, event.end, event.to)
+                elif event.kind == EVENT_REMOVE:
+                    task.uffd.unregister(event.start, event.end)
+                    task.runs.take(event.start, event.end)
+                elif event.kind == EVENT_UNMAP:
+                    task.runs.take(event.start, event.end)
+            except TaskGone:
+                self._drop(poll, tasks, task)
+                return
+
+    def _drop(self, poll: select.poll, tasks: dict[int, _Task], task: _Task) -> None:
+        """A task whose memory is gone: nothing more to serve it."""
+        poll.unregister(task.uffd.fd)
+        tasks.pop(task.uffd.fd)
+        task.uffd.close()
+
+    def _fault(self, task: _Task, address: int) -> None:
+        if self.stats.first_fault is None:
+            self.stats.first_fault = self.stats.elapsed()
+        self.stats.faults += 1
+        run = task.runs.find(address)
+        if run is None:  # never written before the dump, or already copied in
+            task.uffd.zero(address)
+            return
+        block = address - address % FAULT_AROUND
+        self._copy(task, max(run.start, block), min(run.end, block + FAULT_AROUND), ahead=False)
+        task.uffd.wake(address, address + PAGE_SIZE)  # in case the copy had to stop short
+
+    def _copy_next(self, poll: select.poll, tasks: dict[int, _Task]) -> None:
+        """Copy in the next window's worth of what the first task lacks."""
+        task = next(task for task in tasks.values() if task.runs)
+        run = task.runs.first()
+        assert run is not None
+        offset, _ = self._pagemap(task.pid).locate(run.image, 1)
+        length = min(run.end - run.start, _ReadAhead.WINDOW - offset % _ReadAhead.WINDOW)
+        try:
+            self._copy(task, run.start, run.start + length, ahead=True)
+        except TaskGone:
+            self._drop(poll, tasks, task)
+
+    def _copy(self, task: _Task, start: int, end: int, ahead: bool) -> None:
+        """Copy in what ``task`` lacks in ``start``-``end``, verified. If the task's
+        memory is changing, what is left goes back to be copied after its events."""
+        pagemap = self._pagemap(task.pid)
+        runs = task.runs.take(start, end)
+        for index, run in enumerate(runs):
+            offset, count = pagemap.locate(run.image, (run.end - run.start) // PAGE_SIZE)
+            pieces = self._reader(pagemap).pieces(offset, count * PAGE_SIZE, ahead)
+            at = run.start
+            for piece in pieces:
+                try:
+                    task.uffd.copy(at, piece)
+                except Retry as retry:
+                    for left in [run.part(at + retry.done, run.end), *runs[index + 1 :]]:
+                        task.runs.put(left)
+                    self.stats.bytes_copied += at + retry.done - run.start
+                    return
+                at += len(piece)
+            if at < run.end:  # the pagemap ends the run sooner: not an image we wrote
+                raise LazyPageError(f"task {task.pid}'s pagemap is shorter than its runs")
+            self.stats.bytes_copied += run.end - run.start
+
     def _fail(self, error: LazyPageError) -> None:
-        """Record the first error; end the kernel, and only then the daemon. Blocking."""
+        """Record the first error, and end the kernel (if adopted) and wait until it
+        is gone: only then may its memory be let go of. Blocking."""
         with self._lock:
             if self.error is None:
                 self.error = error
             if self._pidfd is None:
-                # Still restoring, and stopped: without the daemon the restore fails and
-                # CRIU ends what it restored. Left waiting for a page, it would hang.
-                self._hang_up()
+                # Still restoring: the serving thread's hang-up makes the restore fail,
+                # and CRIU ends what it restored; the holder keeps the rest until then.
                 return
             # Its children too: they die with the init of their pid namespace, but
             # only once it has exited, and they have lazy memory of their own.
@@ -717,47 +841,30 @@ class LazyPageServer:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             # Readable once it has exited with every thread (and, as the init of its
-            # pid namespace, every process in it): only then may the daemon go. A
-            # task that faulted inside a system call may wait for its page without
-            # heeding the SIGKILL: then the daemon must go first, and the task dies
-            # at its way out of the kernel, before any more of its code runs.
+            # pid namespace, every process in it). A task that faulted inside a system
+            # call may wait for its page without heeding the SIGKILL: then its memory
+            # must go first, and the task dies on its way out of the kernel, before
+            # any more of its code runs.
             select.select([self._pidfd], [], [], KILL_WAIT_S)
-            self._hang_up()
+            if self._stop_w >= 0:
+                os.write(self._stop_w, b"x")
 
-    def _hang_up(self) -> None:
-        """Wake the serving thread; the daemon sees the hangup and exits."""
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
 
-    def _log_tail(self, limit: int = 6) -> str:
-        try:
-            lines = (self.image_dir / LAZY_LOG).read_text(errors="replace").splitlines()
-        except OSError:
-            return f"(no log at {self.image_dir / LAZY_LOG})"
-        errors = [line for line in lines if "Error" in line or "error" in line]
-        return "\n".join((errors or lines)[-limit:])
+def _listen(path: Path) -> socket.socket:
+    """Listen at ``path`` (replacing a stale socket), however long the path: it is
+    reached through the directory's descriptor. Blocking."""
+    directory = os.open(path.parent, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.name, dir_fd=directory)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(f"/proc/self/fd/{directory}/{path.name}")
+        listener.listen(1)
+        return listener
+    finally:
+        os.close(directory)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _send_all(sock: socket.socket, buffers: list[memoryview]) -> None:
-    while buffers:
-        sent = sock.sendmsg(buffers)
-        while buffers and sent >= len(buffers[0]):
-            sent -= len(buffers.pop(0))
-        if sent:
-            buffers[0] = buffers[0][sent:]
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
-    buffer = bytearray()
-    while len(buffer) < size:
-        chunk = sock.recv(size - len(buffer))
-        if not chunk:
-            return None
-        buffer += chunk
-    return bytes(buffer)
