@@ -22,6 +22,7 @@ import pytest
 
 from kernelhib.engines.criu import CriuEngine
 from kernelhib.engines.lazy_pages import (
+    EAGER_BUDGET,
     PAGE_SIZE,
     PE_LAZY,
     PE_PRESENT,
@@ -47,6 +48,12 @@ from .conftest import REQUIRE_CRIU
 HOLDER = r"""
 import hashlib, json, mmap, os, sys, time
 work, mib = sys.argv[1], int(sys.argv[2])
+# Private anonymous memory that the test moves and drops while it is still lazy. Mapped
+# before the data, so above it: the background copy, in address order, comes later.
+private = lambda: mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+moved, dropped = private(), private()
+moved.write(os.urandom(4 << 20))
+dropped.write(os.urandom(4 << 20))
 data = os.urandom(mib << 20)
 shared = mmap.mmap(-1, 1 << 20)  # MAP_SHARED: CRIU restores it eagerly, from files
 shared.write(os.urandom(1 << 20))
@@ -56,18 +63,37 @@ names = [*ranges, "shared"]
 def digest(name):
     view = shared if name == "shared" else memoryview(data)[slice(*ranges[name])]
     return hashlib.sha256(view).hexdigest()
+def forked():  # a child hashes the data: its faults come on a userfaultfd of its own
+    r, w = os.pipe()
+    if (child := os.fork()) == 0:
+        os.write(w, digest("all").encode())
+        os._exit(0)
+    os.close(w)
+    answer = os.read(r, 64).decode()
+    os.waitpid(child, 0)
+    return answer
+def remapped():  # mremap, most likely to a new address
+    moved.resize(16 << 20)
+    return hashlib.sha256(moved).hexdigest()
+def madvised():  # dropped: zeros from now on, not the image's bytes
+    dropped.madvise(mmap.MADV_DONTNEED, 0, 1 << 20)
+    return hashlib.sha256(dropped).hexdigest()
+events = {"forked": forked, "remapped": remapped, "madvised": madvised}
 facts = {name: digest(name) for name in names}
+facts["forked"] = facts["all"]
+facts["remapped"] = hashlib.sha256(moved[:] + bytes(12 << 20)).hexdigest()
+facts["madvised"] = hashlib.sha256(bytes(1 << 20) + dropped[1 << 20 :]).hexdigest()
 facts["late_marker"] = data[-block:][:64].hex()
 with open(os.path.join(work, "expected.json"), "w") as f:
     json.dump(facts, f)
 os.rename(os.path.join(work, "expected.json"), os.path.join(work, "ready.json"))
 while True:
-    for name in names:
+    for name in [*names, *events]:
         ask = os.path.join(work, name)
         if os.path.exists(ask):
             os.unlink(ask)
             with open(ask + ".tmp", "w") as f:
-                f.write(digest(name))
+                f.write(events[name]() if name in events else digest(name))
             os.rename(ask + ".tmp", ask + ".out")
     time.sleep(0.002)
 """
@@ -143,8 +169,9 @@ async def lazy_restore(
     holder: DumpedHolder,
     open_pages: Callable[[str], PageSource],
     *extra: str,
+    eager_budget: int = EAGER_BUDGET,
 ) -> AsyncIterator[Restored]:
-    async with LazyPageServer(holder.restore_dir, open_pages) as server:
+    async with LazyPageServer(holder.restore_dir, open_pages, eager_budget) as server:
         pidfile = holder.restore_dir / "restored.pid"
         restore = await asyncio.create_subprocess_exec(
             criu_path, "restore", "-D", str(holder.restore_dir), "-o", "restore.log", "-v2",
@@ -353,13 +380,18 @@ class SlowPages:
     """Verified pages read slowly, so that the drain is still running when the test
     acts; records whether the server closed it."""
 
-    def __init__(self, source: BlockHashedPages, delay: float) -> None:
+    def __init__(
+        self, source: BlockHashedPages, delay: float, background_only: bool = False
+    ) -> None:
         self.source = source
         self.delay = delay
+        self.background_only = background_only  # faults are served at full speed
         self.closed = False
 
     def pieces(self, offset: int, length: int) -> list[bytes | memoryview]:
-        time.sleep(self.delay)
+        reader = threading.current_thread().name.startswith("lazy-pages-read")
+        if reader or not self.background_only:
+            time.sleep(self.delay)
         return self.source.pieces(offset, length)
 
     def close(self) -> None:
@@ -396,6 +428,31 @@ async def test_killing_the_process_mid_drain_releases_the_server(
         assert opened and all(source.closed for source in opened)
         assert open_fds_to(holder.store) == []
         assert not [t for t in threading.enumerate() if t.name.startswith("lazy-pages")]
+
+
+@pytest.mark.criu
+async def test_a_process_that_forks_moves_and_drops_lazy_memory_keeps_what_it_holds(
+    lazy_criu: str, tmp_path: Path
+) -> None:
+    """Served while its memory changes under the copy: a forked child faults on a
+    userfaultfd of its own, mremap moves what is still missing, and memory dropped
+    with madvise reads as zeros, not as the image's bytes."""
+    holder = await dump_holder(lazy_criu, tmp_path, 64)
+
+    def open_slowly(name: str) -> SlowPages:
+        return SlowPages(holder.open_pages(name), delay=0.2, background_only=True)
+
+    # Nothing eager: the maps the holder changes are still lazy when it does.
+    async with lazy_restore(lazy_criu, holder, open_slowly, eager_budget=0) as process:
+        for name in ("remapped", "madvised"):
+            assert await ask(holder, name) == holder.expected[name], name
+        assert process.server.stats.drained is None  # before the copy came to them
+        events = process.server.stats.events
+        assert events["remap"] >= 1 and events["remove"] >= 1
+        assert await ask(holder, "forked") == holder.expected["forked"]
+        assert events["fork"] == 1
+        await process.server.wait()
+        assert await ask(holder, "all") == holder.expected["all"]
 
 
 @pytest.mark.criu

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from ..kernel_process import process_tree
 from .base import EngineError
 from .userfaultfd import (
     EVENT_FORK,
+    EVENT_NAMES,
     EVENT_PAGEFAULT,
     EVENT_REMAP,
     EVENT_REMOVE,
@@ -82,7 +84,9 @@ EAGER_BUDGET = 64 << 20
 EAGER_READERS = 4
 # Threads that read and verify ahead of the background copy: one reads while another
 # hashes.
-READ_THREADS = 6
+READ_THREADS = 3
+# While the next background copy is being read, faults are waited for this long.
+_READ_POLL_MS = 2
 # A fault is answered with the pages around it, up to this many bytes, aligned.
 FAULT_AROUND = 64 << 10
 # How long a killed kernel may take to die before its memory is let go all the same.
@@ -443,6 +447,8 @@ class _ReadAhead:
 
     def _window(self, index: int, ahead: bool) -> Future[list[bytes | memoryview]]:
         window = self._windows.get(index)
+        if window is not None and not ahead and window.cancel():
+            window = None  # a fault's, still queued behind the read-ahead: read it now
         if window is None:
             if ahead:
                 window = self.worker.submit(self._read_window, index)
@@ -457,6 +463,12 @@ class _ReadAhead:
                 oldest = next(iter(self._windows))
                 self._windows.pop(oldest).cancel()
         return window
+
+    def ready(self, offset: int, length: int) -> bool:
+        """Whether the bytes at ``offset`` have been read (failed too); if not, they
+        are being read."""
+        first, last = offset // self.WINDOW, (offset + length - 1) // self.WINDOW
+        return all(self._window(index, ahead=True).done() for index in range(first, last + 1))
 
     def pieces(self, offset: int, length: int, ahead: bool) -> list[memoryview]:
         """The verified bytes at ``offset``, as views of what was read (no copy);
@@ -483,6 +495,7 @@ class LazyStats:
     """What a lazy wake moved, and when (seconds since the server started)."""
 
     faults: int = 0
+    events: Counter[str] = field(default_factory=Counter)  # fork, remap, remove, unmap
     bytes_copied: int = 0
     first_fault: float | None = None
     drained: float | None = None  # all memory in, or the tasks gone
@@ -637,13 +650,8 @@ class LazyPageServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        if self._to_holder is not None:
-            # The kernel has all its memory, or is dead (or was never adopted): the
-            # holder may let go.
-            with contextlib.suppress(OSError):
-                self._to_holder.sendall(b"r")
-            self._to_holder.close()
-            self._to_holder = None
+        # The kernel has all its memory, or is dead (or was never adopted).
+        self._let_go()
         if self._holder is not None:
             if self._holder.returncode is None:
                 await self._holder.wait()
@@ -657,6 +665,15 @@ class LazyPageServer:
             if closer := getattr(source, "close", None):
                 closer()
         self._sources.clear()
+
+    def _let_go(self) -> None:
+        """Have the holder close its userfaultfds and exit."""
+        with self._lock:
+            if self._to_holder is not None:
+                with contextlib.suppress(OSError):
+                    self._to_holder.sendall(b"r")
+                self._to_holder.close()
+                self._to_holder = None
 
     def _source(self, name: str) -> PageSource:
         if name not in self._sources:
@@ -691,6 +708,11 @@ class LazyPageServer:
         finally:
             for task in tasks.values():
                 task.uffd.close()
+            if self.stats.drained is not None:
+                # Every page is in: its memory is the kernel's own now. Faults where the
+                # image held nothing (memory it never wrote, or grew since) are Linux's
+                # to fill, once no one holds the userfaultfds.
+                self._let_go()
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 loop.call_soon_threadsafe(_resolve, finished)
 
@@ -707,7 +729,9 @@ class LazyPageServer:
                 if restored and not copying:
                     self.stats.drained = self.stats.elapsed()
                     return
-                for fd, _ in poll.poll(0 if copying else None):
+                # Faults never wait behind a background read: it is copied once read.
+                ready = copying and self._next_ready(tasks)
+                for fd, _ in poll.poll(None if not copying else 0 if ready else _READ_POLL_MS):
                     if fd == self._stop_r:
                         return
                     if fd == self._listener.fileno():
@@ -728,7 +752,7 @@ class LazyPageServer:
                                 self._add(poll, tasks, pid, Userfaultfd(uffd), None)
                     elif fd in tasks:
                         self._events(poll, tasks, tasks[fd])
-                if copying:
+                if ready:
                     self._copy_next(poll, tasks)
         finally:
             if handoff is not None:
@@ -755,6 +779,8 @@ class LazyPageServer:
 
     def _events(self, poll: select.poll, tasks: dict[int, _Task], task: _Task) -> None:
         for event in task.uffd.events():
+            if event.kind != EVENT_PAGEFAULT:
+                self.stats.events[EVENT_NAMES[event.kind]] += 1
             try:
                 if event.kind == EVENT_PAGEFAULT:
                     self._fault(task, event.start)
@@ -789,15 +815,26 @@ class LazyPageServer:
         self._copy(task, max(run.start, block), min(run.end, block + FAULT_AROUND), ahead=False)
         task.uffd.wake(address, address + PAGE_SIZE)  # in case the copy had to stop short
 
-    def _copy_next(self, poll: select.poll, tasks: dict[int, _Task]) -> None:
-        """Copy in the next window's worth of what the first task lacks."""
+    def _next(self, tasks: dict[int, _Task]) -> tuple[_Task, int, int, int]:
+        """The next background copy: (task, start, end, offset in the pages file), up
+        to the end of the window it begins in."""
         task = next(task for task in tasks.values() if task.runs)
         run = task.runs.first()
         assert run is not None
         offset, _ = self._pagemap(task.pid).locate(run.image, 1)
         length = min(run.end - run.start, _ReadAhead.WINDOW - offset % _ReadAhead.WINDOW)
+        return task, run.start, run.start + length, offset
+
+    def _next_ready(self, tasks: dict[int, _Task]) -> bool:
+        """Whether the next background copy's pages have been read (asked for if not)."""
+        task, start, end, offset = self._next(tasks)
+        return self._reader(self._pagemap(task.pid)).ready(offset, end - start)
+
+    def _copy_next(self, poll: select.poll, tasks: dict[int, _Task]) -> None:
+        """Copy in the next window's worth of what the first task lacks."""
+        task, start, end, _ = self._next(tasks)
         try:
-            self._copy(task, run.start, run.start + length, ahead=True)
+            self._copy(task, start, end, ahead=True)
         except TaskGone:
             self._drop(poll, tasks, task)
 

@@ -37,6 +37,13 @@ EVENT_FORK = 0x13
 EVENT_REMAP = 0x14
 EVENT_REMOVE = 0x15
 EVENT_UNMAP = 0x16
+EVENT_NAMES = {
+    EVENT_PAGEFAULT: "fault",
+    EVENT_FORK: "fork",
+    EVENT_REMAP: "remap",
+    EVENT_REMOVE: "remove",
+    EVENT_UNMAP: "unmap",
+}
 _MSG = struct.Struct("<B7x24s")  # struct uffd_msg: event, then a union of 24 bytes
 _PAGEFAULT = struct.Struct("<QQ8x")  # flags, address
 _FORK = struct.Struct("<I20x")  # ufd
