@@ -20,8 +20,9 @@ from pathlib import Path
 # Every process of a kernel carries its id in its environment, restored ones too: whoever
 # cleans up after a dead server finds them by it.
 KERNEL_ID_VAR = "KERNELHIB_KERNEL_ID"
-# A process that serves a kernel its memory (a lazy wake's daemon) carries this too: it
-# is ended only after the kernel, which would otherwise read zeros where it faults.
+# A process that holds a kernel's lazy memory (a lazy wake's userfaultfd holder) carries
+# this too: it is ended only after the kernel, which would otherwise read zeros where it
+# faults.
 HELPER_VAR = "KERNELHIB_HELPER"
 
 

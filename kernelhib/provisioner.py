@@ -299,7 +299,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         lazy: bool = False,
     ) -> None:
         """Bring the kernel back from its image (streamed from ``source`` if given, its
-        memory left to a lazy-pages daemon if ``lazy``), as our child, in a new pid
+        memory left to the lazy page server if ``lazy``), as our child, in a new pid
         namespace, or (``same_pids``) at its own pids if none of them is taken.
 
         It is left stopped: :meth:`resume` lets it run.

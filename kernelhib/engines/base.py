@@ -108,7 +108,7 @@ class Kernel(Protocol):
         lazy: bool = False,
     ) -> None:
         """Have ``engine`` restore the process from ``directory`` (its files streamed
-        from ``source`` if given, its memory left to a lazy-pages daemon if ``lazy``),
+        from ``source`` if given, its memory left to the lazy page server if ``lazy``),
         left stopped."""
 
     def resume(self) -> None:

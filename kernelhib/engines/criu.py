@@ -111,7 +111,7 @@ class _CliDriver:
         self._run("dump", image_dir, _DUMP, ["-t", str(pid), *unprivileged, *streamed], prefix)
 
     def restore(self, image_dir: Path, stream: bool = False, lazy: bool = False) -> int:
-        """``lazy``: the memory is left to the lazy-pages daemon listening in ``image_dir``."""
+        """``lazy``: the memory is left to the lazy page server listening in ``image_dir``."""
         pidfile = image_dir / _PIDFILE
         extra = ["--restore-detached", "--pidfile", str(pidfile)]
         extra += ["--stream"] if stream else []
@@ -376,7 +376,7 @@ class CriuEngine(Engine):
     async def _restore_lazily(
         self, kernel: Kernel, directory: Path, image: StoredImage, held: contextlib.AsyncExitStack
     ) -> _Fetch:
-        """Restore the kernel with its memory left to a lazy-pages daemon, run it once
+        """Restore the kernel with its memory left to the lazy page server, run it once
         it is back, and hand what the fetch needs (``held``) over to the fetch."""
         await held.enter_async_context(image.held())
         server = LazyPageServer(
@@ -424,7 +424,7 @@ class CriuEngine(Engine):
 
 class _Fetch:
     """The rest of a lazy wake (:class:`~kernelhib.engines.base.Settling`): the
-    daemon fetching the kernel's memory, and what it reads (the image's restore
+    server copying in the kernel's memory, and what it reads (the image's restore
     directory, its chunks held off collection), released once it is done."""
 
     def __init__(self, server: LazyPageServer, held: contextlib.AsyncExitStack) -> None:
