@@ -46,14 +46,14 @@ from .conftest import REQUIRE_CRIU
 
 # A process holding random data; it hashes parts of it when a file asks it to.
 HOLDER = r"""
-import hashlib, json, mmap, os, sys, time
+import ctypes, hashlib, json, mmap, os, sys, time
 work, mib = sys.argv[1], int(sys.argv[2])
 # Private anonymous memory that the test moves and drops while it is still lazy. Mapped
 # before the data, so above it: the background copy, in address order, comes later.
 private = lambda: mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-moved, dropped = private(), private()
-moved.write(os.urandom(4 << 20))
-dropped.write(os.urandom(4 << 20))
+moved, dropped, guarded = private(), private(), private()
+for area in (moved, dropped, guarded):
+    area.write(os.urandom(4 << 20))
 data = os.urandom(mib << 20)
 shared = mmap.mmap(-1, 1 << 20)  # MAP_SHARED: CRIU restores it eagerly, from files
 shared.write(os.urandom(1 << 20))
@@ -78,11 +78,16 @@ def remapped():  # mremap, most likely to a new address
 def madvised():  # dropped: zeros from now on, not the image's bytes
     dropped.madvise(mmap.MADV_DONTNEED, 0, 1 << 20)
     return hashlib.sha256(dropped).hexdigest()
-events = {"forked": forked, "remapped": remapped, "madvised": madvised}
+def mprotected():  # three areas where there was one, and no event says so
+    start = ctypes.addressof(ctypes.c_char.from_buffer(guarded)) + (1 << 20) + 8192
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start), 3 * 4096, mmap.PROT_READ) == 0
+    return hashlib.sha256(guarded).hexdigest()
+events = {"forked": forked, "remapped": remapped, "madvised": madvised, "mprotected": mprotected}
 facts = {name: digest(name) for name in names}
 facts["forked"] = facts["all"]
 facts["remapped"] = hashlib.sha256(moved[:] + bytes(12 << 20)).hexdigest()
 facts["madvised"] = hashlib.sha256(bytes(1 << 20) + dropped[1 << 20 :]).hexdigest()
+facts["mprotected"] = hashlib.sha256(guarded).hexdigest()
 facts["late_marker"] = data[-block:][:64].hex()
 with open(os.path.join(work, "expected.json"), "w") as f:
     json.dump(facts, f)
@@ -435,8 +440,9 @@ async def test_a_process_that_forks_moves_and_drops_lazy_memory_keeps_what_it_ho
     lazy_criu: str, tmp_path: Path
 ) -> None:
     """Served while its memory changes under the copy: a forked child faults on a
-    userfaultfd of its own, mremap moves what is still missing, and memory dropped
-    with madvise reads as zeros, not as the image's bytes."""
+    userfaultfd of its own, mremap moves what is still missing, memory dropped with
+    madvise reads as zeros, not as the image's bytes, and an area that mprotect split
+    (no event) is filled page by page where a copy would cross its new ends."""
     holder = await dump_holder(lazy_criu, tmp_path, 64)
 
     def open_slowly(name: str) -> SlowPages:
@@ -444,7 +450,7 @@ async def test_a_process_that_forks_moves_and_drops_lazy_memory_keeps_what_it_ho
 
     # Nothing eager: the maps the holder changes are still lazy when it does.
     async with lazy_restore(lazy_criu, holder, open_slowly, eager_budget=0) as process:
-        for name in ("remapped", "madvised"):
+        for name in ("remapped", "madvised", "mprotected"):
             assert await ask(holder, name) == holder.expected[name], name
         assert process.server.stats.drained is None  # before the copy came to them
         events = process.server.stats.events

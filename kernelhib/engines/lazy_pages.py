@@ -808,12 +808,17 @@ class LazyPageServer:
             self.stats.first_fault = self.stats.elapsed()
         self.stats.faults += 1
         run = task.runs.find(address)
-        if run is None:  # never written before the dump, or already copied in
-            task.uffd.zero(address)
-            return
-        block = address - address % FAULT_AROUND
-        self._copy(task, max(run.start, block), min(run.end, block + FAULT_AROUND), ahead=False)
-        task.uffd.wake(address, address + PAGE_SIZE)  # in case the copy had to stop short
+        try:
+            if run is None:  # never written before the dump, or already copied in
+                task.uffd.zero(address)
+            else:
+                block = address - address % FAULT_AROUND
+                end = min(run.end, block + FAULT_AROUND)
+                self._copy(task, max(run.start, block), end, ahead=False)
+        except Retry:
+            pass
+        # If the copy had to stop short, the thread faults again, once the events are read.
+        task.uffd.wake(address, address + PAGE_SIZE)
 
     def _next(self, tasks: dict[int, _Task]) -> tuple[_Task, int, int, int]:
         """The next background copy: (task, start, end, offset in the pages file), up

@@ -123,8 +123,8 @@ class TaskGone(Exception):
 
 
 class Retry(Exception):
-    """The task's memory is changing (an event waits to be read): read the events,
-    then try again. ``done``: bytes copied before it stopped."""
+    """The task's memory is changing (an event waits to be read: EAGAIN): read the
+    events, then try again. ``done``: bytes copied before it stopped."""
 
     def __init__(self, done: int) -> None:
         super().__init__(done)
@@ -152,22 +152,28 @@ class Userfaultfd:
 
     def copy(self, address: int, data: bytes | memoryview) -> None:
         """Fill the missing pages at ``address`` with ``data`` and wake who waits on
-        them. A page already there (filled by an earlier copy that woke a thread
-        whose fault message came late) is skipped."""
+        them. Skipped: a page already there (filled by an earlier copy that woke a
+        thread whose fault message came late), and one no longer in a registered
+        area. A copy that crosses the end of an area (one the task split since,
+        with mprotect, which sends no event) goes on page by page."""
         view = _Buffer()
         _get_buffer(data, ctypes.byref(view), 0)
         try:
-            done, length = 0, view.len
+            done, length, step = 0, view.len, view.len
             while done < length:
-                args = _Copy(address + done, view.buf + done, length - done, 0, 0)
+                size = min(step, length - done)
+                args = _Copy(address + done, view.buf + done, size, 0, 0)
                 if self._ioctl(_UFFDIO_COPY, args) == 0:
-                    return
+                    done += size
+                    continue
                 error = ctypes.get_errno()
                 done += max(args.copy, 0)
-                if error == errno.EEXIST:
+                if error == errno.EEXIST or (error == errno.ENOENT and size == PAGE_SIZE):
                     done += PAGE_SIZE if args.copy <= 0 else 0
-                    continue
-                self._raise(error, done)
+                elif error == errno.ENOENT:
+                    step = PAGE_SIZE
+                else:
+                    self._raise(error, done)
         finally:
             _release_buffer(ctypes.byref(view))
 
@@ -176,7 +182,7 @@ class Userfaultfd:
         args = _ZeroPage(address, length, 0, 0)
         if self._ioctl(_UFFDIO_ZEROPAGE, args) != 0:
             error = ctypes.get_errno()
-            if error != errno.EEXIST:
+            if error not in (errno.EEXIST, errno.ENOENT):  # there already; not ours any more
                 self._raise(error, max(args.zeropage, 0))
 
     def unregister(self, start: int, end: int) -> None:
@@ -203,7 +209,7 @@ class Userfaultfd:
     def _raise(error: int, done: int) -> None:
         if error in (errno.ESRCH, errno.ENOSPC):
             raise TaskGone()
-        if error in (errno.EAGAIN, errno.ENOENT):
+        if error == errno.EAGAIN:
             raise Retry(done)
         raise OSError(error, os.strerror(error))
 
