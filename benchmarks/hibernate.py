@@ -89,7 +89,7 @@ class BenchmarkError(RuntimeError):
 
 def kernel_pids(kernel_id: str, among: Iterable[int] | None = None) -> list[int]:
     """Host pids of the processes of a kernelhib kernel (found by their environment), among
-    ``among`` or all; not those serving it (a lazy wake's page daemon)."""
+    ``among`` or all; not a lazy wake's userfaultfd holder."""
     needle = f"KERNELHIB_KERNEL_ID={kernel_id}".encode()
     if among is None:
         among = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
