@@ -567,6 +567,18 @@ class ChunkedFile:
             index += 1
         return parts
 
+    def zeros(self) -> list[tuple[int, int]]:
+        """(offset, length) of the all-zero chunks, adjacent ones merged."""
+        ranges: list[tuple[int, int]] = []
+        for (digest, length), start in zip(self.refs, self._starts, strict=False):
+            if digest != ZERO:
+                continue
+            if ranges and sum(ranges[-1]) == start:
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+            else:
+                ranges.append((start, length))
+        return ranges
+
     def blocks(self, readahead: int = 4, zero_block: int = 1 << 20) -> Iterator[bytes | memoryview]:
         """The whole file in order, chunk by chunk, each verified, a few read ahead in
         parallel (decompressing and hashing release the GIL). Long zero runs come

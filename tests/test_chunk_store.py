@@ -97,6 +97,10 @@ def test_zero_pages_are_stored_as_nothing(tmp_path: Path) -> None:
     assert file.refs == ((ZERO, 64 * MiB),)
     assert stats.bytes_written == 0 and stored_files(store) == []
     assert file.read(5 * MiB, 10) == bytes(10)
+    # A lazy wake copies none of it in: a fault there gets a zero page.
+    data = pages(3, 256) + bytes(32 * MiB) + pages(4, 256)
+    mixed, _ = store_file(store, data)
+    assert mixed.zeros() == [(256 * PAGE, 32 * MiB)]
 
 
 def test_compressible_chunks_are_compressed_and_random_ones_stored_raw(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from kernelhib.engines.lazy_pages import (
     coalesce,
     encode_pagemap,
     lazy_pages_unavailable,
+    lazy_runs,
     parse_pagemap,
     prepare_pagemaps,
     restore_small_runs_eagerly,
@@ -253,6 +254,18 @@ def test_coalesced_pagemap_merges_only_adjacent_runs_of_equal_flags() -> None:
     ]
 
 
+def test_a_task_s_runs_end_with_its_memory_areas_and_leave_out_zeros() -> None:
+    lazy = PE_PRESENT | PE_LAZY
+    entries = (PagemapEntry(0x10000, 8, lazy, 0), PagemapEntry(0x40000, 4, PE_PRESENT, 0x8000))
+    pagemap = Pagemap("pages-1.img", entries)
+    runs = lazy_runs(pagemap, bounds=[0x10000, 0x16000, 0x18000], zeros=[(0x2000, 0x3000)])
+    assert [(r.start, r.end, r.image) for r in runs] == [
+        (0x10000, 0x12000, 0x10000),
+        (0x15000, 0x16000, 0x15000),
+        (0x16000, 0x18000, 0x16000),
+    ]
+
+
 def test_a_big_array_stays_one_lazy_run(tmp_path: Path) -> None:
     """CRIU writes 1 MiB entries; merged first, none of a big array's is made eager."""
     run = 1 << 20
@@ -398,6 +411,9 @@ class SlowPages:
         if reader or not self.background_only:
             time.sleep(self.delay)
         return self.source.pieces(offset, length)
+
+    def zeros(self) -> list[tuple[int, int]]:
+        return self.source.zeros()
 
     def close(self) -> None:
         self.source.close()

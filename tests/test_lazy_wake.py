@@ -203,3 +203,38 @@ async def test_a_page_that_fails_verification_late_ends_the_kernel_and_keeps_the
     await api("POST", "kernels", kernel_id, "wake")
     channel = await open_channel(kernel_id)
     assert await channel.evaluate("json.dumps(hashlib.sha256(data).hexdigest())") == digest
+
+
+def anonymous_rss(kernel_id: str) -> int:
+    """The kernel's anonymous memory in bytes: its biggest process's (the kernel's, not
+    the holder's or a launcher's)."""
+
+    def rss_anon(pid: int) -> int:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return next(int(line.split()[1]) << 10 for line in status if line.startswith("RssAnon:"))
+
+    return max(rss_anon(pid) for pid in kernel_processes(kernel_id))
+
+
+async def test_zeros_are_left_to_fault_as_zero_pages_not_copied_in(
+    start_kernel: Any, api: Any
+) -> None:
+    kernel_id, channel = await start_kernel()
+    await channel.run(
+        "import hashlib, json, numpy as np\n"
+        "zeros = np.empty(128 << 20, dtype=np.uint8)\n"
+        "zeros.fill(0)  # written: real pages, stored as zero chunks\n"
+        "data = np.random.default_rng(2).bytes(16 << 20)\n"
+        "digest = hashlib.sha256(data).hexdigest()"
+    )
+    before = anonymous_rss(kernel_id)
+    await api("POST", "kernels", kernel_id, "hibernate")
+    await api("POST", "kernels", kernel_id, "wake")
+    await wait_until_fetched(api, kernel_id)
+
+    # Nothing was copied in for them: the kernel holds 128 MiB less.
+    assert anonymous_rss(kernel_id) < before - (96 << 20)
+    check = "json.dumps([int(zeros.any()), hashlib.sha256(data).hexdigest() == digest])"
+    assert await channel.evaluate(check) == [0, True]
+    await channel.run("zeros[::4096] = 1")  # and they are the kernel's to write
+    assert await channel.evaluate("json.dumps(int(zeros.sum()))") == (128 << 20) // 4096

@@ -101,6 +101,10 @@ class PageSource(Protocol):
         range fails verification."""
         ...
 
+    def zeros(self) -> list[tuple[int, int]]:
+        """(offset, length) of what is known to be zeros, sorted: nothing to read."""
+        ...
+
 
 class LazyPageError(EngineError):
     """The lazy wake failed: the restored kernel has been ended; its image is kept."""
@@ -230,6 +234,33 @@ def read_vma_bounds(path: Path) -> list[int]:
     except (ValueError, KeyError, IndexError, StopIteration, struct.error) as exc:
         raise LazyPageError(f"{path} is not a readable CRIU mm image ({exc})") from exc
     return sorted(bounds)
+
+
+def lazy_runs(pagemap: Pagemap, bounds: list[int], zeros: list[tuple[int, int]]) -> list[Run]:
+    """A task's lazy runs, cut where its memory areas end (``bounds``, from
+    :func:`read_vma_bounds`), without the pages its pages file holds as zeros
+    (``zeros``, from :meth:`PageSource.zeros`): a fault there gets a zero page, and
+    nothing is read or copied for them."""
+    pages = [(-(-offset // PAGE_SIZE) * PAGE_SIZE, (offset + length) // PAGE_SIZE * PAGE_SIZE)
+             for offset, length in zeros]  # fmt: skip
+    starts = [start for start, _ in pages]
+    runs = []
+    for entry in pagemap.entries:
+        if not (entry.flags & PE_LAZY and entry.flags & PE_PRESENT):
+            continue
+        for start, end in split_at(entry.vaddr, entry.end, bounds):
+            offset = entry.offset + start - entry.vaddr
+            cursor, stop = offset, offset + end - start
+            for zero_start, zero_end in pages[max(bisect.bisect_right(starts, cursor) - 1, 0) :]:
+                if zero_start >= stop:
+                    break
+                if zero_start > cursor:
+                    runs.append(Run(start + cursor - offset, start + zero_start - offset,
+                                    start + cursor - offset))  # fmt: skip
+                cursor = max(cursor, zero_end)
+            if cursor < stop:
+                runs.append(Run(start + cursor - offset, end, start + cursor - offset))
+    return runs
 
 
 def split_at(start: int, end: int, bounds: list[int]) -> list[tuple[int, int]]:
@@ -415,6 +446,9 @@ class BlockHashedPages:
                 )
         skip = offset - first * self.BLOCK
         return [memoryview(data)[skip : skip + length]]
+
+    def zeros(self) -> list[tuple[int, int]]:
+        return []  # not known without reading
 
     def close(self) -> None:
         os.close(self._fd)
@@ -767,13 +801,10 @@ class LazyPageServer:
         assert self._to_holder is not None
         socket.send_fds(self._to_holder, [b"f"], [uffd.fd])
         if runs is None:
+            pagemap = self._pagemap(pid)
             bounds = read_vma_bounds(self.image_dir / f"mm-{pid}.img")
-            runs = Runs([
-                Run(start, end, start)
-                for entry in self._pagemap(pid).entries
-                if entry.flags & PE_LAZY and entry.flags & PE_PRESENT
-                for start, end in split_at(entry.vaddr, entry.end, bounds)
-            ])  # fmt: skip
+            zeros = self._source(pagemap.pages_name).zeros()
+            runs = Runs(lazy_runs(pagemap, bounds, zeros))
         tasks[uffd.fd] = _Task(pid, uffd, runs)
         poll.register(uffd.fd, select.POLLIN)
 
