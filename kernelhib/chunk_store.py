@@ -543,12 +543,9 @@ class ChunkedFile:
         """The stored chunks this file needs (what GC must keep)."""
         return {digest for digest, _ in self.refs if digest != ZERO}
 
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes from ``offset`` (fewer at the end of the file), verified."""
-        return b"".join(self.pieces(offset, length))
-
     def pieces(self, offset: int, length: int) -> list[bytes | memoryview]:
-        """What :meth:`read` returns, as the chunks' own bytes (no copy)."""
+        """``length`` bytes from ``offset`` (fewer at the end of the file), verified, as
+        the chunks' own bytes (not copied into one)."""
         if offset < 0 or length < 0:
             raise ValueError(f"cannot read {length} bytes at offset {offset}")
         end = min(offset + length, self.size)
