@@ -471,6 +471,7 @@ async def test_a_process_that_forks_moves_and_drops_lazy_memory_keeps_what_it_ho
         assert process.server.stats.drained is None  # before the copy came to them
         events = process.server.stats.events
         assert events["remap"] >= 1 and events["remove"] >= 1
+        assert process.server.stats.faults > 0  # the maps it changed came in by faults
         assert await ask(holder, "forked") == holder.expected["forked"]
         assert events["fork"] == 1
         await process.server.wait()

@@ -531,7 +531,6 @@ class LazyStats:
     faults: int = 0
     events: Counter[str] = field(default_factory=Counter)  # fork, remap, remove, unmap
     bytes_copied: int = 0
-    first_fault: float | None = None
     drained: float | None = None  # all memory in, or the tasks gone
     started: float = field(default_factory=time.monotonic, repr=False)
 
@@ -835,8 +834,6 @@ class LazyPageServer:
         task.uffd.close()
 
     def _fault(self, task: _Task, address: int) -> None:
-        if self.stats.first_fault is None:
-            self.stats.first_fault = self.stats.elapsed()
         self.stats.faults += 1
         run = task.runs.find(address)
         try:

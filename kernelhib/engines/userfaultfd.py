@@ -252,13 +252,6 @@ class Runs:
     def __bool__(self) -> bool:
         return bool(self._runs)
 
-    def __iter__(self) -> Iterator[Run]:
-        return iter(list(self._runs))
-
-    @property
-    def size(self) -> int:
-        return sum(run.end - run.start for run in self._runs)
-
     def copy(self) -> Runs:
         return Runs(self._runs)
 
