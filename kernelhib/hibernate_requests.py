@@ -28,6 +28,31 @@ if TYPE_CHECKING:
 SETTLE_S = 1.0
 
 
+async def ask_until(
+    heard: asyncio.Future[None],
+    km: KernelManager,
+    session: Session,
+    interval: float = 0.02,
+    patience: float = 10,
+) -> None:
+    """Ask the kernel for comm_info every ``interval`` s until ``heard`` is done (an
+    IOPub subscriber got a message), for at most ``patience`` s: ZMQ drops what the
+    kernel publishes before a new SUB socket is subscribed, and nothing says when
+    it is. comm_info, not kernel_info: IPython's kernel_info calls ``random.choice``
+    on the global generator, which the user's code would see. On shell and control:
+    a kernel running a cell answers only on control."""
+    asking = [km.connect_shell(), km.connect_control()]
+    try:
+        deadline = asyncio.get_running_loop().time() + patience
+        while not heard.done() and asyncio.get_running_loop().time() < deadline:
+            for stream in asking:
+                session.send(stream, "comm_info_request", {})
+            await asyncio.wait([heard], timeout=interval)
+    finally:
+        for stream in asking:
+            stream.close()
+
+
 class HibernateRequests:
     """Watches one kernel's IOPub for ``%hibernate`` and hibernates it when it is asked to."""
 
@@ -41,9 +66,15 @@ class HibernateRequests:
         self._force = False  # hibernate even while a queued cell runs
         self._settling: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self._heard: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A SUB socket of our own: after a CRIU wake ZMQ reconnects it by itself.
         self._stream = km.connect_iopub()
         self._stream.on_recv(self._on_iopub)
+
+    async def listening(self) -> None:
+        """Return once this watcher hears the kernel's IOPub: before, a ``%hibernate``
+        (in the kernel's first cell, or the first after a wake) could go unseen."""
+        await ask_until(self._heard, self.km, self._session)
 
     def close(self) -> None:
         if self._settling is not None:
@@ -52,6 +83,8 @@ class HibernateRequests:
             self._stream.close()
 
     def _on_iopub(self, msg_list: list[bytes]) -> None:
+        if not self._heard.done():
+            self._heard.set_result(None)
         _, fed = self._session.feed_identities(msg_list)
         msg = self._session.deserialize(fed, content=False)
         msg_type = msg["header"]["msg_type"]

@@ -949,6 +949,8 @@ class KernelHibernator(LoggingConfigurable):
                     while True:
                         reply = await receive(timeout=1)
                         if reply["parent_header"].get("msg_id") == request["header"]["msg_id"]:
+                            # Answered; and a %hibernate in its next cell will be heard.
+                            await self.kernel_manager.hibernate_requests[km.kernel_id].listening()
                             return
         raise EngineError(f"the kernel did not answer within {self.wake_timeout:.0f} s")
 

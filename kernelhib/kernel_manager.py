@@ -96,6 +96,12 @@ class HibernatingKernelManager(AsyncMappingKernelManager):
         why = fallback or (await asyncio.to_thread(engine.availability)).detail
         return {"kernel_id": kernel_id, "engine": engine.name, "why": f"{setting}; {why}"}
 
+    async def _finish_kernel_start(self, kernel_id: str) -> None:
+        await super()._finish_kernel_start(kernel_id)
+        # Started once a %hibernate in its first cell would be heard.
+        if (requests := self.hibernate_requests.get(kernel_id)) is not None:
+            await requests.listening()
+
     def start_watching_activity(self, kernel_id: str) -> None:
         super().start_watching_activity(kernel_id)
         self.hibernate_requests[kernel_id] = HibernateRequests(

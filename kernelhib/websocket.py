@@ -17,6 +17,7 @@ from typing import Any
 from jupyter_server.services.kernels.connection.base import deserialize_msg_from_ws_v1
 from jupyter_server.services.kernels.connection.channels import ZMQChannelsWebsocketConnection
 
+from .hibernate_requests import ask_until
 from .hibernator import KernelHibernator
 
 
@@ -93,11 +94,8 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
 
     async def _iopub_live(self, interval: float = 0.02, patience: float = 10) -> None:
         """Ask the kernel something every ``interval`` s until a message reaches this
-        connection's IOPub: what nudge() waits for, but nudge asks only every 0.5 s.
-
-        It asks for comm_info, not kernel_info as nudge does: IPython's kernel_info
-        calls ``random.choice`` on the global generator, and a wake must change
-        nothing that the user's code can see. The messages this draws out are
+        connection's IOPub: what nudge() waits for, but nudge asks only every 0.5 s,
+        and for kernel_info (see :func:`ask_until`). The messages this draws out are
         swallowed, as nudge does. A busy kernel (a cell frozen by a forced
         hibernation runs on) is not asked, as by nudge.
         """
@@ -112,17 +110,10 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
                 arrived.set_result(None)
 
         iopub.on_recv(on_iopub)
-        asking = [self.kernel_manager.connect_shell(), self.kernel_manager.connect_control()]
         try:
-            deadline = loop.time() + patience
-            while not arrived.done() and loop.time() < deadline:
-                for stream in asking:
-                    self.session.send(stream, "comm_info_request", {})
-                await asyncio.wait([arrived], timeout=interval)
+            await ask_until(arrived, self.kernel_manager, self.session, interval, patience)
         finally:
             iopub.stop_on_recv()
-            for stream in asking:
-                stream.close()
 
     async def _revive(self) -> None:
         """Wake the kernel if needed, prove IOPub is live, then send the held messages."""

@@ -7,10 +7,11 @@ import json
 from typing import Any
 
 import pytest
+import zmq
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from kernelhib.hibernate_requests import SETTLE_S
+from kernelhib.hibernate_requests import SETTLE_S, HibernateRequests
 from kernelhib.magic import NOT_MANAGED, STATUS_ENV
 
 from .conftest import KernelChannel, summarize, wait_for_state
@@ -45,6 +46,30 @@ async def test_hibernate_magic_hibernates_after_the_cell_and_again_after_a_wake(
         await wait_for_state(api, kernel_id, "hibernated")
 
         assert (await channel.execute("print(value)"))["stdout"] == "kept\n", round_
+
+
+@pytest.mark.criu
+async def test_a_hibernate_is_heard_however_late_the_server_s_subscriber_joins(
+    start_kernel: Any, api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ZMQ drops what a kernel publishes before a SUB socket is subscribed. Here the
+    server's %hibernate watcher joins 1 s late, at the start and after the wake: the
+    kernel counts as started, and as woken, only once the watcher hears it."""
+    watch = HibernateRequests.__init__
+
+    def joining_late(self: HibernateRequests, *args: Any) -> None:
+        watch(self, *args)
+        sub = self._stream.socket
+        sub.setsockopt(zmq.UNSUBSCRIBE, b"")
+        asyncio.get_running_loop().call_later(1.0, sub.setsockopt, zmq.SUBSCRIBE, b"")
+
+    monkeypatch.setattr(HibernateRequests, "__init__", joining_late)
+    kernel_id, channel = await start_kernel()
+    for _ in range(2):  # the kernel's first cell, then the first after its wake
+        result = await channel.execute("%hibernate")
+        assert "will hibernate" in result["stdout"]
+        await wait_for_state(api, kernel_id, "hibernated", timeout=20)
+        await api("POST", "kernels", kernel_id, "wake")
 
 
 @pytest.mark.criu
