@@ -13,6 +13,7 @@ The comm's data may name the ``engine`` and ``force``, as the REST request does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +30,13 @@ SETTLE_S = 1.0
 
 
 async def ask_until(
-    heard: asyncio.Future[None],
+    heard: asyncio.Event,
     km: KernelManager,
     session: Session,
     interval: float = 0.02,
     patience: float = 10,
 ) -> None:
-    """Ask the kernel for comm_info every ``interval`` s until ``heard`` is done (an
+    """Ask the kernel for comm_info every ``interval`` s until ``heard`` is set (an
     IOPub subscriber got a message), for at most ``patience`` s: ZMQ drops what the
     kernel publishes before a new SUB socket is subscribed, and nothing says when
     it is. comm_info, not kernel_info: IPython's kernel_info calls ``random.choice``
@@ -44,10 +45,11 @@ async def ask_until(
     asking = [km.connect_shell(), km.connect_control()]
     try:
         deadline = asyncio.get_running_loop().time() + patience
-        while not heard.done() and asyncio.get_running_loop().time() < deadline:
+        while not heard.is_set() and asyncio.get_running_loop().time() < deadline:
             for stream in asking:
                 session.send(stream, "comm_info_request", {})
-            await asyncio.wait([heard], timeout=interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(heard.wait(), interval)
     finally:
         for stream in asking:
             stream.close()
@@ -66,7 +68,7 @@ class HibernateRequests:
         self._force = False  # hibernate even while a queued cell runs
         self._settling: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Future[Any]] = set()
-        self._heard: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._heard = asyncio.Event()  # made where no loop runs yet (adopting kernels)
         # A SUB socket of our own: after a CRIU wake ZMQ reconnects it by itself.
         self._stream = km.connect_iopub()
         self._stream.on_recv(self._on_iopub)
@@ -83,8 +85,7 @@ class HibernateRequests:
             self._stream.close()
 
     def _on_iopub(self, msg_list: list[bytes]) -> None:
-        if not self._heard.done():
-            self._heard.set_result(None)
+        self._heard.set()
         _, fed = self._session.feed_identities(msg_list)
         msg = self._session.deserialize(fed, content=False)
         msg_type = msg["header"]["msg_type"]

@@ -102,14 +102,8 @@ class WakingWebsocketConnection(ZMQChannelsWebsocketConnection):
         iopub = self.channels.get("iopub")
         if iopub is None or getattr(self.kernel_manager, "execution_state", "") == "busy":
             return
-        loop = asyncio.get_running_loop()
-        arrived: asyncio.Future[None] = loop.create_future()
-
-        def on_iopub(_msg: Any) -> None:
-            if not arrived.done():
-                arrived.set_result(None)
-
-        iopub.on_recv(on_iopub)
+        arrived = asyncio.Event()
+        iopub.on_recv(lambda _msg: arrived.set())
         try:
             await ask_until(arrived, self.kernel_manager, self.session, interval, patience)
         finally:
