@@ -251,7 +251,8 @@ def lazy_runs(pagemap: Pagemap, bounds: list[int], zeros: list[tuple[int, int]])
         for start, end in split_at(entry.vaddr, entry.end, bounds):
             offset = entry.offset + start - entry.vaddr
             cursor, stop = offset, offset + end - start
-            for zero_start, zero_end in pages[max(bisect.bisect_right(starts, cursor) - 1, 0) :]:
+            first = max(bisect.bisect_right(starts, cursor) - 1, 0)
+            for zero_start, zero_end in itertools.islice(pages, first, None):
                 if zero_start >= stop:
                     break
                 if zero_start > cursor:
@@ -864,7 +865,8 @@ class LazyPageServer:
         return self._reader(self._pagemap(task.pid)).ready(offset, end - start)
 
     def _copy_next(self, poll: select.poll, tasks: dict[int, _Task]) -> None:
-        """Copy in the next window's worth of what the first task lacks."""
+        """Copy in the next window's worth of what the first task lacks: found again
+        after the events just read, which may have moved, taken or ended it."""
         task, start, end, _ = self._next(tasks)
         try:
             self._copy(task, start, end, ahead=True)
