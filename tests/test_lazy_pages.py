@@ -89,7 +89,7 @@ facts["forked"] = facts["all"]
 facts["remapped"] = hashlib.sha256(moved[:] + bytes(12 << 20)).hexdigest()
 facts["madvised"] = hashlib.sha256(bytes(1 << 20) + dropped[1 << 20 :]).hexdigest()
 facts["mprotected"] = hashlib.sha256(guarded).hexdigest()
-facts["late_marker"] = data[-block:][:64].hex()
+facts["late_marker"] = memoryview(data)[-block:][:64].hex()  # no copy of the bytes
 with open(os.path.join(work, "expected.json"), "w") as f:
     json.dump(facts, f)
 os.rename(os.path.join(work, "expected.json"), os.path.join(work, "ready.json"))
@@ -368,13 +368,17 @@ def flip_byte(path: Path, at: int) -> int:
 
 
 def corrupt_late_block(holder: DumpedHolder) -> tuple[str, int]:
-    """Flip a byte in the pages-file block that holds the holder's last data."""
+    """Flip a byte in the pages-file block that holds the holder's last data (a copy of
+    it left in freed heap memory, restored eagerly, would make the restore itself fail)."""
     marker = bytes.fromhex(holder.expected["late_marker"])
-    for pages in holder.store.glob("pages-*.img"):
-        at = pages.read_bytes().find(marker)
-        if at >= 0:
-            return pages.name, flip_byte(pages, at + 100)
-    raise AssertionError("the holder's data is in no pages file")
+    found = [
+        (pages, match.start())
+        for pages in holder.store.glob("pages-*.img")
+        for match in re.finditer(re.escape(marker), pages.read_bytes())
+    ]
+    assert len(found) == 1, f"the holder's last data is in {len(found)} places, not one"
+    pages, at = found[0]
+    return pages.name, flip_byte(pages, at + 100)
 
 
 @pytest.mark.criu
