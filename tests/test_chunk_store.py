@@ -3,7 +3,9 @@ garbage collection that survives a SIGKILL at any step, and the image format ver
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import random
 import shutil
@@ -106,6 +108,33 @@ def test_zero_pages_are_stored_as_nothing(tmp_path: Path) -> None:
     data = pages(3, 256) + bytes(32 * MiB) + pages(4, 256)
     mixed, _ = store_file(store, data)
     assert mixed.zeros() == [(256 * PAGE, 32 * MiB)]
+
+
+def cached_pages(path: Path) -> int:
+    """How many of a file's pages are in the page cache (mincore of a mapping of it)."""
+    size = path.stat().st_size
+    with path.open("rb") as file, mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        pages = -(-size // PAGE)
+        resident = (ctypes.c_ubyte * pages)()
+        address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), resident) == 0
+        return sum(page & 1 for page in resident)
+
+
+def test_chunks_are_not_left_in_the_page_cache(tmp_path: Path) -> None:
+    """A hibernation frees the kernel's memory without filling the page cache, and a
+    wake reads each chunk once."""
+    store = ChunkStore(tmp_path)
+    data = pages(11, 2048)
+    file, _ = store_file(store, data)
+    chunks = stored_files(store)
+    assert chunks and sum(cached_pages(chunk) for chunk in chunks) == 0
+    for chunk in chunks:
+        chunk.read_bytes()  # cached now, as a plain read leaves it
+    assert sum(cached_pages(chunk) for chunk in chunks) > 0
+    assert read(store.open(file.to_json()), 0, len(data)) == data
+    assert sum(cached_pages(chunk) for chunk in chunks) == 0
 
 
 def test_compressible_chunks_are_compressed_and_random_ones_stored_raw(tmp_path: Path) -> None:
