@@ -5,11 +5,15 @@ deleted (and only those)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from kernelhib.testing import wait_until_fetched
 
 from .conftest import image_path
 from .test_server_restart import listed, start_session
@@ -119,6 +123,32 @@ async def test_a_woken_kernels_chunks_stay_until_it_hibernates_again_or_goes(
     await api("DELETE", "kernels", kernel_id, expect=204)
 
     assert stored(root) == set()
+
+
+async def test_a_wake_does_not_wait_for_a_chunk_collection_and_a_hibernation_does(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    """A collection deletes only chunks no committed image refers to: a wake reads its
+    image at once; a hibernation, which may find a chunk the collection is deleting,
+    waits until it is over."""
+    kernel_id, channel = await start_kernel()
+    await channel.execute(DATA.format(seed=4))
+    await api("POST", "kernels", kernel_id, "hibernate")
+    lock = image_path(jp_serverapp, kernel_id).parent / ".chunks" / "lock"
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a collection under way holds it
+
+        await asyncio.wait_for(api("POST", "kernels", kernel_id, "wake"), 60)
+        assert (await channel.execute("float(data[3]) > 0"))["result"] == "True"
+        await wait_until_fetched(api, kernel_id, timeout=60)
+
+        hibernating = asyncio.ensure_future(api("POST", "kernels", kernel_id, "hibernate"))
+        await asyncio.sleep(2)
+        assert not hibernating.done()
+    finally:
+        os.close(fd)
+    assert (await hibernating)["hibernation"]["state"] == "hibernated"
 
 
 async def test_a_starting_server_deletes_chunks_no_image_refers_to(launch_server: Any) -> None:
