@@ -1231,7 +1231,7 @@ async def _holding_chunks(store: ImageStore, reading: bool = False) -> AsyncIter
     ``reading`` a committed image need not wait for a collection under way: it
     deletes only chunks that no committed image refers to, and the image cannot
     be replaced before it ends (that takes a hibernation, which waits for the
-    lock). A wake that waited for one after a hibernation (0.1-0.2 s for a 4 GiB
+    lock). A wake that waited for one after a hibernation (about 0.1 s for a 4 GiB
     kernel's chunks, more in a big store) answered that much later. Once
     taken, the lock keeps any further collection off until the reading ends.
     """
