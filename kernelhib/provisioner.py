@@ -32,6 +32,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         return CriuService(parent=self).socket
 
     kernel: KernelProcess | None = None
-    hibernated: bool = False
+    _hibernated: bool = False
+    _held_ports: tuple[socket.socket, ...] = ()
     not_restorable: str = ""
     # Restored at its own pids, without a pid namespace: a kernel of a GPU host.
     same_pids: bool = False
@@ -121,6 +123,58 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
     @property
     def has_process(self) -> bool:
         return self.hibernated or self.kernel is not None
+
+    @property
+    def hibernated(self) -> bool:
+        """The kernel is an image, with no process; its ports are held meanwhile."""
+        return self._hibernated
+
+    @hibernated.setter
+    def hibernated(self, hibernated: bool) -> None:
+        self._hibernated = hibernated
+        if hibernated:
+            self._hold_ports()
+        else:
+            self._let_go_of_ports()
+
+    def _hold_ports(self) -> None:
+        """Keep the hibernated kernel's ports from being taken before it wakes.
+
+        jupyter_client picks them among the ephemeral ports, and while the kernel is an
+        image nothing listens on them: any connection from this host, the server's own
+        to other kernels among them, could get one as its local port, and the wake would
+        then fail ("Address already in use" from CRIU, or a dill wake's fresh kernel
+        failing to bind). A socket bound to each port, not listening (a connection is
+        refused as before), keeps Linux from handing it out.
+        """
+        info = self.connection_info
+        if self._held_ports or info.get("transport", "tcp") != "tcp":
+            return
+        ip = str(info.get("ip") or "127.0.0.1")
+        host = "" if ip in ("*", "0.0.0.0") else ip
+        held = []
+        for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+            if not (port := info.get(name)):
+                continue
+            hold = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            # Its old connections may linger in TIME_WAIT on the port.
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                hold.bind((host, int(port)))
+            except OSError as exc:
+                hold.close()
+                self.log.warning(
+                    "Kernel %s: its %s %s is in use by another process (%s); it cannot wake "
+                    "until that ends", self.kernel_id, name.replace("_", " "), port, exc,
+                )  # fmt: skip
+                continue
+            held.append(hold)
+        self._held_ports = tuple(held)
+
+    def _let_go_of_ports(self) -> None:
+        for hold in self._held_ports:
+            hold.close()
+        self._held_ports = ()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         kwargs = await super().pre_launch(**kwargs)
@@ -310,7 +364,13 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
                 f"a kernel of this GPU host is restored at its own pids (it has no pid "
                 f"namespace): wake it again once they have ended"
             )
-        pid = await engine.restore(image_dir, source, lazy)
+        self._let_go_of_ports()  # for the restored kernel to bind
+        try:
+            pid = await engine.restore(image_dir, source, lazy)
+        except BaseException:
+            if self.hibernated:
+                self._hold_ports()
+            raise
         self.kernel = KernelProcess(pid)
         self.pid = self.pgid = pid
         self.hibernated = False

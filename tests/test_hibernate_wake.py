@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -222,6 +223,50 @@ def take_pid(pid: int) -> subprocess.Popen[bytes]:
         process.kill()
         process.wait()
     raise AssertionError(f"could not take pid {pid}")
+
+
+PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+
+def connections_on(port: int) -> bool:
+    """Whether any TCP socket that /proc lists (connections, TIME_WAIT) uses ``port``."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, remote = line.split()[1:3]
+            if port in (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)):
+                return True
+    return False
+
+
+def bind(ip: str, port: int) -> None:
+    with socket.socket() as squatter:  # no SO_REUSEADDR: as an outgoing connection binds
+        squatter.bind((ip, port))
+
+
+async def test_a_hibernated_kernels_ports_are_held_until_it_wakes(
+    start_kernel: Any, api: Any, jp_serverapp: Any
+) -> None:
+    """Its ports are ephemeral ones: one taken by a connection meanwhile made the wake
+    fail ("Address already in use"). Ports its old connections left in TIME_WAIT are
+    kept from new ones anyway; the others (the heartbeat's: the server never connects
+    to it) are what this checks."""
+    kernel_id, channel = await start_kernel()
+    await channel.execute("value = 'survived'")
+    info = jp_serverapp.kernel_manager.get_kernel(kernel_id).get_connection_info()
+    await api("POST", "kernels", kernel_id, "hibernate")
+    idle = [info[name] for name in PORTS if not connections_on(info[name])]
+    assert idle, "every port of the kernel is still in use by its old connections"
+
+    for port in idle:
+        with pytest.raises(OSError, match="in use"):
+            bind(info["ip"], port)
+    await api("POST", "kernels", kernel_id, "wake")
+    assert (await channel.execute("print(value)"))["stdout"] == "survived\n"
+
+    await api("POST", "kernels", kernel_id, "hibernate")
+    await api("DELETE", "kernels", kernel_id, expect=204)  # shut down hibernated
+    for port in idle:
+        bind(info["ip"], port)  # let go of
 
 
 async def test_image_is_private_while_hibernated(
