@@ -89,6 +89,11 @@ READ_THREADS = 3
 _READ_POLL_MS = 2
 # A fault is answered with the pages around it, up to this many bytes, aligned.
 FAULT_AROUND = 64 << 10
+# ...or with all of what its run still lacks, where that is no more than this: Python's
+# allocator arenas are 1 MiB mappings, and an answering kernel touches pages all over
+# several of them. A DataFrame kernel whose arenas were 600 runs of their own answered in
+# 0.58-0.79 s this way, in 0.91-1.08 s with 64 KiB a fault (alternating wakes).
+WHOLE_RUN = 1 << 20
 # How long a killed kernel may take to die before its memory is let go all the same.
 KILL_WAIT_S = 2.0
 
@@ -840,6 +845,8 @@ class LazyPageServer:
         try:
             if run is None:  # never written before the dump, or already copied in
                 task.uffd.zero(address)
+            elif run.end - run.start <= WHOLE_RUN:
+                self._copy(task, run.start, run.end, ahead=False)
             else:
                 block = address - address % FAULT_AROUND
                 end = min(run.end, block + FAULT_AROUND)
