@@ -873,7 +873,10 @@ class LazyPageServer:
 
     def _copy_next(self, poll: select.poll, tasks: dict[int, _Task]) -> None:
         """Copy in the next window's worth of what the first task lacks: found again
-        after the events just read, which may have moved, taken or ended it."""
+        after the events just read, which may have moved, taken or ended it (a fault
+        may have taken the last of it: then there is nothing left to copy)."""
+        if not any(task.runs for task in tasks.values()):
+            return
         task, start, end, _ = self._next(tasks)
         try:
             self._copy(task, start, end, ahead=True)
