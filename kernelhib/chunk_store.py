@@ -39,6 +39,8 @@ import numpy as np
 import zstandard
 from blake3 import blake3
 
+from .disk_io import uncache
+
 PAGE = 4096
 ZERO = "zero"
 """The digest of an all-zero chunk, which is stored as nothing."""
@@ -353,7 +355,7 @@ class ChunkStore:
         try:
             os.writev(fd, [bytes([header]), body])
             os.fsync(fd)
-            _uncache(fd)
+            uncache(fd)
         finally:
             os.close(fd)
         tmp.rename(path)
@@ -665,24 +667,18 @@ class StreamedImage:
         return _file_blocks(fd)
 
 
-def _uncache(fd: int) -> None:
-    """Drop a chunk file's pages from the page cache.
+def _read_once(path: Path) -> bytes:
+    """A chunk file's bytes, left out of the page cache as its writer left it.
 
     A chunk is written once at a hibernation and read once at a wake: kept cached,
-    the hibernation of a 4 GiB kernel would free its memory only to fill 4 GiB of
-    page cache, and a wake would need fresh pages for the cache as well as for the
-    kernel. Dropped, the same few pages serve chunk after chunk: a lazy wake of
-    4 GiB took a quarter to a half less CPU (docs/performance.md).
+    a wake would need fresh pages for the cache as well as for the kernel. Dropped,
+    the same few pages serve chunk after chunk: a lazy wake of 4 GiB took a quarter
+    to a half less CPU (docs/performance.md).
     """
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def _read_once(path: Path) -> bytes:
-    """A chunk file's bytes, left out of the page cache (:func:`_uncache`)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         data = os.pread(fd, os.fstat(fd).st_size, 0)
-        _uncache(fd)
+        uncache(fd)
         return data
     finally:
         os.close(fd)

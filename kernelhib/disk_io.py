@@ -95,13 +95,19 @@ def fsync(path: Path) -> None:
 
 
 def evict(path: Path) -> None:
-    """Drop a durable file from the page cache: a hibernated kernel's image must
-    not take back, as cache, the memory that hibernating it just freed."""
+    """Drop a durable file from the page cache (:func:`uncache`)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        uncache(fd)
     finally:
         os.close(fd)
+
+
+def uncache(fd: int) -> None:
+    """Drop an open, durable file's pages from the page cache: a hibernated kernel's
+    image must not take back, as cache, the memory that hibernating it just freed, and
+    what a wake reads once it will not read again."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _sync_file_range() -> Callable[..., int] | None:

@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jupyter_client.connect import port_names
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import CaselessStrEnum, Unicode, default
 
@@ -153,7 +154,7 @@ class HibernatingProvisioner(LocalProvisioner):  # type:ignore[misc]
         ip = str(info.get("ip") or "127.0.0.1")
         host = "" if ip in ("*", "0.0.0.0") else ip
         held = []
-        for name in ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"):
+        for name in port_names:
             if not (port := info.get(name)):
                 continue
             hold = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_client.connect import port_names
 
 from kernelhib.kernel_process import available_memory
 
@@ -225,9 +226,6 @@ def take_pid(pid: int) -> subprocess.Popen[bytes]:
     raise AssertionError(f"could not take pid {pid}")
 
 
-PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-
-
 def connections_on(port: int) -> bool:
     """Whether any TCP socket that /proc lists (connections, TIME_WAIT) uses ``port``."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -254,7 +252,7 @@ async def test_a_hibernated_kernels_ports_are_held_until_it_wakes(
     await channel.execute("value = 'survived'")
     info = jp_serverapp.kernel_manager.get_kernel(kernel_id).get_connection_info()
     await api("POST", "kernels", kernel_id, "hibernate")
-    idle = [info[name] for name in PORTS if not connections_on(info[name])]
+    idle = [info[name] for name in port_names if not connections_on(info[name])]
     assert idle, "every port of the kernel is still in use by its old connections"
 
     for port in idle:
